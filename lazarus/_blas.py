@@ -1,0 +1,80 @@
+"""Linux CPU fast path: load an optimised CBLAS before ``mlx.core``.
+
+MLX's Linux CPU wheel resolves ``cblas_sgemm`` against a reference (netlib)
+BLAS, which runs float32 matmul ~30-50x slower than OpenBLAS or MKL. When a
+library exporting the CBLAS symbols is loaded with ``RTLD_GLOBAL`` *before*
+``mlx.core`` is imported, the dynamic linker binds MLX's calls to it instead.
+
+Order of preference:
+1. ``LAZARUS_BLAS`` naming a library path or soname (``LAZARUS_BLAS=none`` disables),
+2. a system OpenBLAS (``libopenblas.so.0``, e.g. Debian's ``libopenblas0-pthread``),
+3. an installed MKL (``libmkl_rt.so``).
+If none is found we warn once with the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import platform
+import sys
+import warnings
+
+INSTALL_HINT = "apt-get install -y libopenblas0-pthread  (Debian/Ubuntu; or set LAZARUS_BLAS=/path/to/libopenblas.so)"
+
+#: The library that was loaded, or None. Set by :func:`enable`.
+loaded: str | None = None
+
+
+def _candidates() -> list[str]:
+    names = ["libopenblas.so.0", "libopenblas.so", "libopenblasp-r0.so"]
+    found = ctypes.util.find_library("openblas")
+    if found:
+        names.append(found)
+    for pattern in ("/usr/lib/*/openblas*/libopenblas.so.0", "/usr/lib64/libopenblas*.so*"):
+        names.extend(sorted(glob.glob(pattern)))
+    # MKL installed from PyPI lives in <prefix>/lib
+    names.extend(sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*"))))
+    names.append("libmkl_rt.so")
+    return names
+
+
+def _try_load(name: str) -> bool:
+    global loaded
+    try:
+        lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    if not hasattr(lib, "cblas_sgemm"):
+        return False
+    loaded = name
+    return True
+
+
+def enable() -> str | None:
+    """Load a fast CBLAS globally if we are on Linux and mlx.core is not imported yet."""
+    if platform.system() != "Linux" or loaded is not None:
+        return loaded
+    choice = os.environ.get("LAZARUS_BLAS", "").strip()
+    if choice.lower() in ("none", "off", "0"):
+        return None
+    if "mlx.core" in sys.modules:
+        # Too late to change symbol resolution; stay silent unless asked explicitly.
+        if choice:
+            warnings.warn("LAZARUS_BLAS is set but mlx.core was imported before lazarus; "
+                          "import lazarus first for the BLAS fast path", stacklevel=3)
+        return None
+    if choice:
+        if not _try_load(choice):
+            warnings.warn(f"LAZARUS_BLAS={choice!r} could not be loaded or has no cblas_sgemm; "
+                          "falling back to MLX's built-in BLAS", stacklevel=3)
+        return loaded
+    for name in _candidates():
+        if _try_load(name):
+            return loaded
+    if not os.environ.get("LAZARUS_QUIET_BLAS"):
+        warnings.warn("No optimised BLAS found: MLX's CPU matmul will be ~30x slower. "
+                      f"Fix: {INSTALL_HINT}", stacklevel=3)
+    return None

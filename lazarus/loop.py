@@ -1,0 +1,543 @@
+"""The generic training Loop: draws batches (or rollouts), steps the optimizer, emits events.
+
+The objective is injected as ``compute_loss(model, batch) -> (loss, metrics)`` where ``batch``
+holds only the ``mx.array`` entries of the collated batch and ``metrics`` is a dict of scalar
+arrays. Everything else (schedules, clipping, checkpoints, early stopping, logging) is a
+callback. See ``docs/architecture.md`` for the event order and the state object.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from lazarus import checkpointing as ckpt
+from lazarus.callbacks.base import Callback, sort_callbacks
+from lazarus.state import State
+
+LossFn = Callable[[nn.Module, dict], tuple]
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    stop_reason: str
+    checkpoint_dir: str | None
+    state: State = field(repr=False)
+
+    @property
+    def final_metrics(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def array_part(batch: dict) -> dict:
+    """The entries of a batch that the compiled step consumes."""
+    return {k: v for k, v in batch.items() if isinstance(v, mx.array)}
+
+
+def _set_path(tree, path: str, value) -> None:
+    """Assign ``value`` at a dotted ``path`` inside nested dicts/lists, in place."""
+    keys = path.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node[int(k)] if isinstance(node, list) else node[k]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+class Loop:
+    """Runs training. One ``mx.eval`` per optimizer step; everything else is events.
+
+    Args:
+        model: the ``nn.Module`` being trained (its trainable parameters are optimised).
+        optimizer: an ``mlx.optimizers.Optimizer``.
+        compute_loss: the objective, ``(model, batch_arrays) -> (loss, metrics)``.
+        train_data: a loader with ``__len__`` (batches per epoch) and ``get_batch(epoch, i)``
+            returning a dict (``mx.array`` entries go to the step; ``num_tokens`` (int) feeds
+            throughput; ``loss_weight`` (scalar array) weights micro-batches and ranks).
+        rollout: optional ``rollout(state, prompt_batch) -> list[batch]``; each returned batch
+            is one optimizer step (online RL).
+        eval_data: optional loader like ``train_data``; ``eval_loss`` defaults to compute_loss.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer,
+        compute_loss: LossFn,
+        train_data=None,
+        *,
+        rollout: Callable | None = None,
+        eval_data=None,
+        eval_loss: LossFn | None = None,
+        callbacks: Iterable[Callback] = (),
+        max_steps: int | None = None,
+        num_epochs: int | None = 1,
+        grad_accumulation_steps: int = 1,
+        log_interval: int = 10,
+        eval_interval: int | None = None,
+        seed: int = 0,
+        trainer: Any = None,
+        config: Any = None,
+        compile: bool = True,
+        distributed: bool | str = "auto",
+        handle_signals: bool = True,
+        extra_state: Callable | None = None,
+    ):
+        if train_data is None:
+            raise ValueError("Loop needs train_data (a loader of batches or of prompts for rollouts)")
+        if grad_accumulation_steps < 1:
+            raise ValueError("grad_accumulation_steps must be >= 1")
+        if max_steps is None and not num_epochs:
+            raise ValueError("give max_steps or num_epochs")
+        self.model = model
+        self.optimizer = optimizer
+        self.compute_loss = compute_loss
+        self.eval_loss = eval_loss or compute_loss
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.rollout = rollout
+        self.callbacks = sort_callbacks(callbacks)
+        self.max_steps = max_steps
+        self.num_epochs = num_epochs
+        self.accum = grad_accumulation_steps
+        self.log_interval = max(1, int(log_interval))
+        self.eval_interval = eval_interval
+        self.seed = seed
+        self.use_compile = compile
+        self.handle_signals = handle_signals
+        self.group = None
+        if distributed:
+            group = mx.distributed.init()
+            if group.size() > 1:
+                self.group = group
+        self.world_size = self.group.size() if self.group else 1
+        self.rank = self.group.rank() if self.group else 0
+        if hasattr(train_data, "set_distributed"):
+            train_data.set_distributed(self.rank, self.world_size)
+        if eval_data is not None and hasattr(eval_data, "set_distributed"):
+            eval_data.set_distributed(self.rank, self.world_size)
+        self.state = State(model=model, optimizer=optimizer, trainer=trainer, config=config,
+                           max_steps=max_steps, num_epochs=num_epochs, rank=self.rank,
+                           world_size=self.world_size)
+        self.state.loop = self
+        self._pending: list[dict] = []
+        self._epoch_open = False
+        self._sums: dict[str, float] = {}
+        self._sum_count = 0
+        self._interval_tokens = 0
+        self._interval_start = None
+        self._signal: str | None = None
+        self._steps: dict[str, Callable] = {}
+        self.checkpoint_dir: str | None = None
+
+    # ------------------------------------------------------------------ events
+    def emit(self, event: str) -> None:
+        for cb in self.callbacks:
+            getattr(cb, f"on_{event}")(self.state)
+
+    # ------------------------------------------------------------------ compiled pieces
+    def _compile_state(self):
+        return [self.model.state, self.optimizer.state, mx.random.state]
+
+    def _maybe_compile(self, fn):
+        if not self.use_compile:
+            return fn
+        st = self._compile_state()
+        return mx.compile(fn, inputs=st, outputs=st)
+
+    def _all_sum(self, x):
+        return mx.distributed.all_sum(x, group=self.group) if self.group else x
+
+    def _grad_transforms(self, grads):
+        extra = {}
+        for cb in self.callbacks:
+            if cb.transform_grads is not None:
+                grads, m = cb.transform_grads(grads)
+                extra.update(m or {})
+        return grads, extra
+
+    def _build_steps(self) -> None:
+        model, optimizer = self.model, self.optimizer
+        value_and_grad = nn.value_and_grad(model, self.compute_loss)
+        distributed = self.group is not None
+
+        def fused(batch):
+            (loss, metrics), grads = value_and_grad(model, batch)
+            if distributed:
+                w = batch.get("loss_weight", mx.array(1.0))
+                total = self._all_sum(w)
+                grads = tree_map(lambda g: self._all_sum(g * w) / total, grads)
+                loss = self._all_sum(loss * w) / total
+                metrics = {k: self._all_sum(v * w) / total for k, v in metrics.items()}
+            grads, extra = self._grad_transforms(grads)
+            optimizer.update(model, grads)
+            return loss, {**metrics, **extra}
+
+        def grad_only(batch):
+            (loss, metrics), grads = value_and_grad(model, batch)
+            w = batch.get("loss_weight", mx.array(1.0))
+            grads = tree_map(lambda g: g * w, grads)
+            return loss * w, {k: v * w for k, v in metrics.items()}, grads, w
+
+        def apply(grads):
+            grads, extra = self._grad_transforms(grads)
+            optimizer.update(model, grads)
+            return extra
+
+        def evaluate(batch):
+            loss, metrics = self.eval_loss(model, batch)
+            return loss, metrics
+
+        self._steps = {
+            "fused": self._maybe_compile(fused),
+            "grad": self._maybe_compile(grad_only),
+            "apply": self._maybe_compile(apply),
+            "eval": mx.compile(evaluate) if self.use_compile else evaluate,
+        }
+        self._split = any(cb.overrides("before_optimizer_step") for cb in self.callbacks)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _optimizer_step(self, micro: list[dict]) -> None:
+        st = self.state
+        arrays = [array_part(b) for b in micro]
+        rollback = None
+        if any(getattr(cb, "may_skip_steps", False) for cb in self.callbacks):
+            rollback = (tree_flatten(self.model.trainable_parameters()), tree_flatten(self.optimizer.state))
+        if len(arrays) == 1 and not self._split:
+            loss, metrics = self._steps["fused"](arrays[0])
+        else:
+            acc = loss = wsum = None
+            msum: dict = {}
+            for a in arrays:
+                l, m, g, w = self._steps["grad"](a)
+                acc = g if acc is None else tree_map(mx.add, acc, g)
+                loss = l if loss is None else loss + l
+                wsum = w if wsum is None else wsum + w
+                msum = {k: msum[k] + v if k in msum else v for k, v in m.items()}
+            if self.group is not None:
+                wsum = self._all_sum(wsum)
+                acc = tree_map(self._all_sum, acc)
+                loss = self._all_sum(loss)
+                msum = {k: self._all_sum(v) for k, v in msum.items()}
+            grads = tree_map(lambda g: g / wsum, acc)
+            loss = loss / wsum
+            metrics = {k: v / wsum for k, v in msum.items()}
+            if self._split:
+                st.grads = grads
+                self.emit("before_optimizer_step")
+                st.grads = None
+            if st.skip_reason is None:
+                metrics.update(self._steps["apply"](grads))
+        mx.eval(loss, metrics, self.model.state, self.optimizer.state)
+        values = {"loss": loss.item()}
+        values.update({k: v.item() for k, v in metrics.items()})
+        st.lr = float(self.optimizer.learning_rate.item()) if "learning_rate" in self.optimizer.state else 0.0
+        values["lr"] = st.lr
+        st.metrics = values
+        self.emit("step_end")
+        if st.skip_reason is not None:
+            if rollback is not None:
+                self._restore_trees(*rollback)
+            st.extras.setdefault("skipped_steps", []).append((st.step + 1, st.skip_reason))
+            st.skip_reason = None
+            return
+        st.step += 1
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._sum_count += 1
+
+    def _restore_trees(self, params, opt_state) -> None:
+        from mlx.utils import tree_unflatten
+        self.model.update(tree_unflatten(params))
+        for k, v in opt_state:
+            _set_path(self.optimizer.state, k, v)
+
+    # ------------------------------------------------------------------ logging / eval
+    def _log(self) -> None:
+        st = self.state
+        if self._sum_count == 0:
+            return
+        now = time.perf_counter()
+        elapsed = max(now - (self._interval_start or now), 1e-9)
+        logged = {k: v / self._sum_count for k, v in self._sums.items()}
+        logged["lr"] = st.lr
+        logged["tokens_per_second"] = self._interval_tokens / elapsed
+        logged["steps_per_second"] = self._sum_count / elapsed
+        logged["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+        logged["epoch"] = st.epoch + (st.batch_in_epoch / max(1, st.steps_per_epoch or 1))
+        trainer = st.trainer
+        if trainer is not None and hasattr(trainer, "derived_metrics"):
+            logged.update(trainer.derived_metrics(logged))
+        st.logged = logged
+        st.history.append({"step": st.step, **logged})
+        self._sums, self._sum_count, self._interval_tokens = {}, 0, 0
+        self._interval_start = time.perf_counter()
+        self.emit("log")
+
+    def evaluate(self) -> dict[str, float]:
+        """Weighted mean of the eval objective over the whole eval set (no grads)."""
+        st = self.state
+        if self.eval_data is None:
+            return {}
+        self.emit("eval_start")
+        if not self._steps:
+            self._build_steps()
+        totals: dict[str, mx.array] = {}
+        wsum = mx.array(0.0)
+        for i in range(len(self.eval_data)):
+            batch = self.eval_data.get_batch(0, i)
+            arrays = array_part(batch)
+            loss, metrics = self._steps["eval"](arrays)
+            w = arrays.get("loss_weight", mx.array(1.0))
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v * w
+            wsum = wsum + w
+            mx.eval(totals, wsum)
+        if self.group is not None:
+            totals = {k: self._all_sum(v) for k, v in totals.items()}
+            wsum = self._all_sum(wsum)
+        mx.eval(totals, wsum)
+        st.eval_metrics = {k: (v / wsum).item() for k, v in totals.items()}
+        st.history.append({"step": st.step, **{f"eval/{k}": v for k, v in st.eval_metrics.items()}})
+        self.emit("eval_end")
+        return st.eval_metrics
+
+    # ------------------------------------------------------------------ data
+    def _draw(self) -> dict | None:
+        st = self.state
+        if st.batch_in_epoch >= len(self.train_data):
+            return None
+        batch = self.train_data.get_batch(st.epoch, st.batch_in_epoch)
+        st.batch_in_epoch += 1
+        return batch
+
+    def _next_micro_batch(self) -> dict | None:
+        st = self.state
+        if self.rollout is None:
+            return self._draw()
+        if not self._pending:
+            prompts = self._draw()
+            if prompts is None:
+                return None
+            st.batch = prompts
+            self.emit("rollout_start")
+            self._pending = list(self.rollout(st, prompts))
+            self.emit("rollout_end")
+        return self._pending.pop(0)
+
+    def _epoch_exhausted(self) -> bool:
+        return self.state.batch_in_epoch >= len(self.train_data) and not self._pending
+
+    # ------------------------------------------------------------------ main
+    def fit(self, resume_from: str | os.PathLike | None = None) -> TrainResult:
+        st = self.state
+        st.steps_per_epoch = len(self.train_data)
+        if st.steps_per_epoch == 0:
+            raise ValueError("the training data yields no batches (dataset smaller than one batch?)")
+        self.optimizer.init(self.model.trainable_parameters())
+        if resume_from is not None:
+            self.load_resume_state(resume_from)
+        else:
+            mx.random.seed(self.seed)
+            np.random.seed(self.seed)
+            random.seed(self.seed)
+        self._build_steps()
+        old_handlers = self._install_signal_handlers()
+        try:
+            self.emit("fit_start")
+            self._interval_start = time.perf_counter()
+            self._run()
+            if self._sum_count:
+                self._log()
+            self.emit("fit_end")
+        except BaseException as e:
+            st.extras["exception"] = e
+            self.emit("exception")
+            raise
+        finally:
+            self._restore_signal_handlers(old_handlers)
+        return TrainResult(history=st.history, stop_reason=st.stop_reason or "completed",
+                           checkpoint_dir=self.checkpoint_dir, state=st)
+
+    def _run(self) -> None:
+        st = self.state
+        while True:
+            if self._signal is not None:
+                st.request_stop(f"interrupted by {self._signal}")
+                st.request_checkpoint()
+            if st.checkpoint_requested:
+                st.checkpoint_requested = False
+                self.emit("checkpoint")
+            if st.should_stop:
+                return
+            if self.max_steps is not None and st.step >= self.max_steps:
+                st.request_stop(f"max_steps reached ({self.max_steps})")
+                continue
+            if self.max_steps is None and st.epoch >= self.num_epochs:
+                st.request_stop(f"completed {self.num_epochs} epochs")
+                continue
+            if not self._epoch_open:
+                self._epoch_open = True
+                self.emit("epoch_start")
+            self.emit("step_start")
+            micro = []
+            for _ in range(self.accum if self.rollout is None else 1):
+                b = self._next_micro_batch()
+                if b is None:
+                    break
+                micro.append(b)
+                st.micro_step += 1
+                st.tokens_seen += int(b.get("num_tokens", 0))
+                self._interval_tokens += int(b.get("num_tokens", 0))
+            if micro:
+                st.batch = micro[-1]
+                self._optimizer_step(micro)
+                if st.step % self.log_interval == 0 and self._sum_count:
+                    self._log()
+                if self.eval_data is not None and self.eval_interval and st.step % self.eval_interval == 0:
+                    st.eval_requested = True
+                if st.eval_requested:
+                    st.eval_requested = False
+                    self.evaluate()
+            if self._epoch_exhausted():
+                self.emit("epoch_end")
+                st.epoch += 1
+                st.batch_in_epoch = 0
+                self._epoch_open = False
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self):
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return None
+        old = {}
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self._signal is not None:  # second signal: give up immediately
+                raise KeyboardInterrupt(name)
+            self._signal = name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old) -> None:
+        if old:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_weights(self) -> dict[str, mx.array]:
+        return dict(tree_flatten(self.model.trainable_parameters()))
+
+    def resume_payload(self) -> tuple[dict, dict]:
+        """(arrays, json document) that restore this run exactly."""
+        st = self.state
+        arrays = {f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)}
+        arrays["rng.mlx"] = mx.random.state[0]
+        np_state = np.random.get_state()
+        doc: dict[str, Any] = {
+            "step": st.step, "epoch": st.epoch, "micro_step": st.micro_step,
+            "batch_in_epoch": st.batch_in_epoch, "tokens_seen": st.tokens_seen,
+            "epoch_open": self._epoch_open, "history": st.history, "world_size": self.world_size,
+            "stop_reason": None,
+            "rng": {"python": _to_jsonable(random.getstate()),
+                    "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+            "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_dict()},
+            "pending": [],
+            "interval": {"sums": self._sums, "count": self._sum_count},
+        }
+        for i, b in enumerate(self._pending):
+            meta = {}
+            for k, v in b.items():
+                if isinstance(v, mx.array):
+                    arrays[f"pending.{i}.{k}"] = v
+                else:
+                    meta[k] = v
+            doc["pending"].append(meta)
+        if hasattr(self.train_data, "state_dict"):
+            doc["data"] = self.train_data.state_dict()
+        trainer = st.trainer
+        if trainer is not None and hasattr(trainer, "resume_state"):
+            t_arrays, t_doc = trainer.resume_state()
+            arrays.update({f"trainer.{k}": v for k, v in t_arrays.items()})
+            doc["trainer"] = t_doc
+        return arrays, doc
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path | None:
+        """Write weights + resume state atomically (rank 0 only; other ranks return None)."""
+        arrays, doc = self.resume_payload()
+        weights = self.trainable_weights()
+        mx.eval(arrays, weights)
+        if self.rank != 0:
+            return None
+        return ckpt.write_checkpoint(path, weights, arrays, doc)
+
+    def load_resume_state(self, path) -> None:
+        st = self.state
+        weights, arrays, doc = ckpt.read_checkpoint(path)
+        ckpt.check_compatible(path, weights, self.trainable_weights())
+        self.model.load_weights(list(weights.items()), strict=False)
+        for k, v in arrays.items():
+            if k.startswith("optimizer."):
+                _set_path(self.optimizer.state, k[len("optimizer."):], v)
+        mx.random.state[0] = arrays["rng.mlx"]
+        random.setstate(_from_jsonable(doc["rng"]["python"]))
+        n = doc["rng"]["numpy"]
+        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+        if doc.get("world_size", 1) != self.world_size and doc.get("pending"):
+            raise ckpt.CheckpointError(f"{path}: saved with {doc['world_size']} ranks mid-rollout; "
+                                       f"resume it with the same number of ranks")
+        st.step, st.epoch, st.micro_step = doc["step"], doc["epoch"], doc["micro_step"]
+        st.batch_in_epoch, st.tokens_seen = doc["batch_in_epoch"], doc["tokens_seen"]
+        st.history = list(doc["history"])
+        self._epoch_open = doc["epoch_open"]
+        self._sums = dict(doc["interval"]["sums"])
+        self._sum_count = doc["interval"]["count"]
+        states = doc.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.state_key in states:
+                cb.load_state_dict(states[cb.state_key])
+        if "data" in doc and hasattr(self.train_data, "load_state_dict"):
+            self.train_data.load_state_dict(doc["data"], source=str(path))
+        self._pending = []
+        for i, meta in enumerate(doc.get("pending", [])):
+            b = dict(meta)
+            prefix = f"pending.{i}."
+            b.update({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+            self._pending.append(b)
+        trainer = st.trainer
+        if trainer is not None and hasattr(trainer, "load_resume_state"):
+            t_arrays = {k[len("trainer."):]: v for k, v in arrays.items() if k.startswith("trainer.")}
+            trainer.load_resume_state(t_arrays, doc.get("trainer", {}))
+        st.extras["resumed_from"] = str(path)
+
+
+def _to_jsonable(x):
+    if isinstance(x, tuple):
+        return {"__tuple__": [_to_jsonable(v) for v in x]}
+    return x
+
+
+def _from_jsonable(x):
+    if isinstance(x, dict) and "__tuple__" in x:
+        return tuple(_from_jsonable(v) for v in x["__tuple__"])
+    if isinstance(x, list):
+        return [_from_jsonable(v) for v in x]
+    return x

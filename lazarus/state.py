@@ -1,0 +1,81 @@
+"""The one object every callback reads (and acts through)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class State:
+    """Training state shared by the Loop and its callbacks.
+
+    Counters are plain Python ints so reading them never syncs the device.
+    ``metrics`` holds the floats of the optimizer step that just ended (valid at
+    ``step_end``); ``logged`` holds the interval averages passed to ``on_log``.
+    Callbacks never mutate the loop directly; they call the ``request_*`` methods
+    and the loop carries the request out at the next safe point.
+    """
+
+    model: Any = None
+    optimizer: Any = None
+    trainer: Any = None
+    config: Any = None
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    micro_step: int = 0  # micro-batches consumed (grad accumulation counts each)
+    batch_in_epoch: int = 0  # position inside the current epoch's batch order
+    tokens_seen: int = 0
+    max_steps: int | None = None
+    num_epochs: int | None = None
+    steps_per_epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    logged: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    lr: float = 0.0
+    grads: Any = None  # only at before_optimizer_step
+    batch: Any = None  # the batch of the current step (rollout batch for RL)
+    rank: int = 0
+    world_size: int = 1
+    # Requests (carried out by the Loop)
+    stop_reason: str | None = None
+    eval_requested: bool = False
+    checkpoint_requested: bool = False
+    skip_reason: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)  # free space for callbacks/trainers
+
+    # ---- requests -------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current step. Sticky: the first reason wins."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None
+
+    def request_eval(self) -> None:
+        self.eval_requested = True
+
+    def request_checkpoint(self) -> None:
+        self.checkpoint_requested = True
+
+    def skip_step(self, reason: str) -> None:
+        """Discard the current optimizer step (weights and optimizer state roll back)."""
+        self.skip_reason = reason
+
+    # ---- helpers ----------------------------------------------------------------------
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    def get_metric(self, name: str) -> float | None:
+        """Look a metric up by name: ``eval/loss`` or ``eval_loss`` read eval metrics,
+        anything else reads the last logged averages, then the last step's values."""
+        for prefix in ("eval/", "eval_"):
+            if name.startswith(prefix):
+                return self.eval_metrics.get(name[len(prefix):])
+        if name in self.logged:
+            return self.logged[name]
+        return self.metrics.get(name)
