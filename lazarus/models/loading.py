@@ -1,0 +1,83 @@
+"""``load_model``: any architecture mlx-lm supports, from a local folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lazarus.models.lora import LoRASettings, apply_lora
+
+
+class ModelLoadError(ValueError):
+    """The model folder is missing, incomplete, or cannot be fetched."""
+
+
+def load_model(path: str | os.PathLike, use_lora: bool = False, *, lora_rank: int = 8,
+               lora_scale: float | None = None, lora_alpha: float | None = None, lora_dropout: float = 0.0,
+               lora_layers: int = -1, lora_keys: list[str] | None = None,
+               adapter_path: str | os.PathLike | None = None):
+    """Load ``(model, tokenizer)`` from a local Hugging Face / MLX model folder via mlx-lm.
+
+    With ``use_lora=True`` the base is frozen and mlx-lm LoRA layers are added to
+    ``lora_layers`` blocks (-1 = all), on ``lora_keys`` (default: every linear layer in the
+    blocks, i.e. attention and MLP projections). ``lora_scale`` is mlx-lm's multiplier
+    (default 20.0); ``lora_alpha`` is accepted instead and converted to ``alpha / rank``.
+    ``adapter_path`` loads adapters saved by Lazarus or by ``mlx_lm.lora`` (and keeps them
+    trainable when ``use_lora`` is also set).
+    """
+    from mlx_lm.utils import load as mlx_load
+
+    p = Path(path)
+    name = str(path)
+    if not p.exists():
+        if os.environ.get("HF_HUB_OFFLINE") or name.startswith((".", "/", "~")) or name.count("/") != 1:
+            raise ModelLoadError(f"model folder not found: {name}. Pass a local Hugging Face/MLX model "
+                                 "folder (or run `lazarus init-model DIR` for the tiny offline model)")
+        try:
+            model, tokenizer = mlx_load(name)
+        except Exception as e:  # noqa: BLE001 - network errors come in many types
+            raise ModelLoadError(f"{name!r} is not a local folder and could not be fetched from the "
+                                 f"Hugging Face hub ({type(e).__name__}: {e}). Download it and pass the "
+                                 "folder instead") from None
+    else:
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"{p} is not a model folder: config.json is missing")
+        if not list(p.glob("*.safetensors")):
+            raise ModelLoadError(f"{p} has no *.safetensors weights")
+        try:
+            model, tokenizer = mlx_load(str(p))
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            raise ModelLoadError(f"cannot load model from {p}: {e}") from e
+    if lora_alpha is not None and lora_scale is None:
+        lora_scale = lora_alpha / lora_rank
+    if adapter_path is not None:
+        _load_adapters(model, Path(adapter_path), name, trainable=use_lora)
+    elif use_lora:
+        apply_lora(model, LoRASettings(rank=lora_rank, scale=20.0 if lora_scale is None else lora_scale,
+                                       dropout=lora_dropout, num_layers=lora_layers,
+                                       keys=tuple(lora_keys) if lora_keys else None, base_model=name))
+    model.eval()
+    return model, tokenizer
+
+
+def _load_adapters(model, adapter_dir: Path, base: str, trainable: bool) -> None:
+    from mlx_lm.tuner.utils import load_adapters
+
+    cfg_file = adapter_dir / "adapter_config.json"
+    if not cfg_file.exists():
+        raise ModelLoadError(f"{adapter_dir}: adapter_config.json not found")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file}: invalid JSON ({e})") from e
+    model.freeze()
+    load_adapters(model, str(adapter_dir))
+    lp = cfg.get("lora_parameters") or {}
+    settings = LoRASettings(rank=lp.get("rank", 8), scale=lp.get("scale", 20.0), dropout=lp.get("dropout", 0.0),
+                            num_layers=cfg.get("num_layers", -1),
+                            keys=tuple(lp["keys"]) if lp.get("keys") else None, base_model=base)
+    object.__setattr__(model, "_lazarus_lora", settings)
+    model.freeze()
+    if trainable:
+        model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
