@@ -1,0 +1,6 @@
+"""Datasets (strict JSONL, tokenized once) and length-bucketed batching."""
+
+from lazarus.data.batching import DataLoader
+from lazarus.data.datasets import (DataError, PreferenceDataset, PromptDataset, SFTDataset, read_jsonl)
+
+__all__ = ["DataLoader", "DataError", "PreferenceDataset", "PromptDataset", "SFTDataset", "read_jsonl"]

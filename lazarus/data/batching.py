@@ -1,0 +1,106 @@
+"""Seeded, resumable, length-bucketed batching with a global batch split across ranks."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+
+class DataLoader:
+    """Yields the batches of one epoch in a deterministic order from ``(seed, epoch)``.
+
+    ``batch_size`` is the *global* batch: under ``mx.distributed`` each of the
+    ``world_size`` ranks collates its contiguous share. With ``bucket=True`` the epoch's
+    shuffled indices are cut into chunks of ``bucket_batches`` batches, each chunk is sorted
+    by length and sliced into batches, and the batch order is shuffled again: batches hold
+    similar lengths (little padding) yet the order stays random. A trailing batch that
+    cannot be split evenly across ranks is dropped; ``drop_last`` drops any short one.
+
+    The Loop tracks the epoch and position; ``get_batch(epoch, i)`` is a pure function of
+    them, which is what makes resume exact.
+    """
+
+    def __init__(self, dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, bucket: bool = True,
+                 bucket_batches: int = 32, drop_last: bool = False, pad_multiple: int = 8,
+                 collate_fn: Callable | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.bucket = bucket
+        self.bucket_batches = bucket_batches
+        self.drop_last = drop_last
+        self.pad_multiple = pad_multiple
+        self.collate_fn = collate_fn or dataset.collate
+        self.rank, self.world_size = 0, 1
+        self._lengths = np.asarray(dataset.lengths()) if hasattr(dataset, "lengths") else None
+        self._cache: dict[int, list[np.ndarray]] = {}
+
+    def set_distributed(self, rank: int, world_size: int) -> None:
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size={self.batch_size} is the global batch and must be divisible by the "
+                             f"number of ranks ({world_size})")
+        self.rank, self.world_size = rank, world_size
+        self._cache.clear()
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        if epoch in self._cache:
+            return self._cache[epoch]
+        n = len(self.dataset)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        batches: list[np.ndarray] = []
+        if self.bucket and self._lengths is not None:
+            chunk = self.batch_size * self.bucket_batches
+            for s in range(0, n, chunk):
+                part = order[s: s + chunk]
+                part = part[np.argsort(self._lengths[part], kind="stable")]
+                batches.extend(part[i: i + self.batch_size] for i in range(0, len(part), self.batch_size))
+        else:
+            batches = [order[i: i + self.batch_size] for i in range(0, n, self.batch_size)]
+        keep = []
+        for b in batches:
+            if len(b) < self.batch_size and (self.drop_last or len(b) % self.world_size):
+                continue
+            keep.append(b)
+        if self.shuffle and self.bucket:
+            keep = [keep[i] for i in rng.permutation(len(keep))]
+        self._cache = {epoch: keep}  # only the current epoch is needed
+        return keep
+
+    def __len__(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def batch_indices(self, epoch: int, i: int) -> list[int]:
+        """This rank's share of global batch ``i`` of ``epoch``."""
+        b = self.epoch_batches(epoch)[i]
+        per = len(b) // self.world_size
+        return [int(x) for x in b[self.rank * per: (self.rank + 1) * per]]
+
+    def get_batch(self, epoch: int, i: int) -> dict:
+        return self.collate_fn(self.batch_indices(epoch, i), pad_multiple=self.pad_multiple)
+
+    def padding_fraction(self, epoch: int = 0) -> float:
+        """Share of padded positions in this epoch's batches (lower is better)."""
+        if self._lengths is None:
+            return 0.0
+        pad = total = 0
+        for b in self.epoch_batches(epoch):
+            lens = self._lengths[b]
+            width = -(-int(lens.max()) // self.pad_multiple) * self.pad_multiple
+            total += width * len(b)
+            pad += width * len(b) - int(lens.sum())
+        return pad / total if total else 0.0
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "num_examples": len(self.dataset),
+                "shuffle": self.shuffle, "bucket": self.bucket}
+
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        mine = self.state_dict()
+        diffs = [f"{k}: checkpoint {state[k]!r} vs now {mine[k]!r}" for k in mine if k in state and state[k] != mine[k]]
+        if diffs:
+            raise ValueError(f"{source}: cannot resume exactly, the data setup changed ({'; '.join(diffs)})")
