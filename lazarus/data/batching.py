@@ -68,7 +68,9 @@ class DataLoader:
             keep.append(b)
         if self.shuffle and self.bucket:
             keep = [keep[i] for i in rng.permutation(len(keep))]
-        self._cache = {epoch: keep}  # only the current epoch is needed
+        self._cache[epoch] = keep
+        while len(self._cache) > 2:  # epoch 0 (for len) and the current one are enough
+            self._cache.pop(next(k for k in self._cache if k != 0 and k != epoch))
         return keep
 
     def __len__(self) -> int:

@@ -1,0 +1,194 @@
+"""The Trainer base: owns model, tokenizer, config and callbacks; a paradigm adds ``compute_loss``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+from pydantic import BaseModel, ConfigDict, Field
+
+from lazarus import checkpointing as ckpt
+from lazarus.callbacks import (Callback, Checkpoint, EarlyStopping, GradientClipping, LRSchedule, ProgressBar,
+                               TerminateOnNaN)
+from lazarus.data import DataLoader
+from lazarus.loop import Loop, TrainResult
+from lazarus.models.lora import lora_settings, save_adapters
+
+
+class TrainerConfig(BaseModel):
+    """Fields shared by every trainer. Unknown or invalid fields are errors naming the field."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    num_epochs: int = Field(3, ge=1, description="Passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps")
+    batch_size: int = Field(4, ge=1, description="Global batch (examples per micro-step, split across ranks)")
+    grad_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None disables)")
+    checkpoint_interval: int | None = Field(500, ge=1, description="Steps between saves (None disables)")
+    checkpoint_dir: str = Field("checkpoints", description="Where step_N/best/final.safetensors go")
+    keep_last: int | None = Field(None, ge=1, description="Keep only the newest N step_N checkpoints")
+    log_interval: int = Field(10, ge=1, description="Steps between logged (averaged) metrics")
+    eval_interval: int | None = Field(None, ge=1, description="Steps between evaluations (needs an eval set)")
+    seed: int = Field(0, description="Seeds data order, MLX, NumPy and Python RNGs")
+    max_length: int | None = Field(None, ge=2, description="Token limit when the trainer builds datasets from paths")
+    compile: bool = Field(True, description="mx.compile the training step")
+    grad_checkpoint: bool = Field(False, description="Recompute block activations in backward (less memory)")
+
+
+class Trainer:
+    """Base class. Subclasses supply ``compute_loss(model, batch) -> (loss, metrics)``.
+
+    Default callbacks come from the config (LRSchedule, GradientClipping, Checkpoint,
+    TerminateOnNaN, ProgressBar, plus EarlyStopping where a threshold is configured); a user
+    callback of the same kind replaces the default one, others are added.
+    """
+
+    config_class: type[TrainerConfig] = TrainerConfig
+    dataset_class = None  # what a path given to train() is turned into
+
+    def __init__(self, model, tokenizer, config: TrainerConfig | None = None, callbacks: list[Callback] | None = None,
+                 optimizer=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, TrainerConfig):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(self.config).__name__}")
+        self.optimizer = optimizer
+        self.callbacks = self._merge_callbacks(self.default_callbacks(), callbacks or [])
+        self.loop: Loop | None = None
+
+    # ------------------------------------------------------------------ callbacks
+    def default_callbacks(self) -> list[Callback]:
+        c = self.config
+        cbs: list[Callback] = [LRSchedule(c.warmup_steps, decay=c.lr_schedule), TerminateOnNaN(), ProgressBar(),
+                               Checkpoint(c.checkpoint_dir, interval=c.checkpoint_interval, keep_last=c.keep_last)]
+        if c.max_grad_norm is not None:
+            cbs.append(GradientClipping(c.max_grad_norm))
+        return cbs
+
+    @staticmethod
+    def _merge_callbacks(defaults, user) -> list[Callback]:
+        for cb in user:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be lazarus.callbacks.Callback instances, got {type(cb).__name__}")
+        user_types = [type(cb) for cb in user]
+        kept = [d for d in defaults if not any(issubclass(t, type(d)) for t in user_types)]
+        return kept + list(user)
+
+    def get_callback(self, kind: type):
+        return next((cb for cb in self.callbacks if isinstance(cb, kind)), None)
+
+    # ------------------------------------------------------------------ objective
+    def compute_loss(self, model, batch):
+        raise NotImplementedError("a Trainer subclass must implement compute_loss(model, batch)")
+
+    def derived_metrics(self, logged: dict) -> dict:
+        """Extra metrics computed from the logged interval averages (host side)."""
+        return {}
+
+    # ------------------------------------------------------------------ data
+    def as_dataset(self, data):
+        if isinstance(data, (str, os.PathLike)):
+            if self.dataset_class is None:
+                raise TypeError(f"{type(self).__name__} needs a dataset object, not a path")
+            return self.dataset_class(data, self.tokenizer, max_length=self.config.max_length)
+        return data
+
+    def collate_fn(self, dataset, split: str):
+        return dataset.collate
+
+    def make_loader(self, dataset, split: str = "train") -> DataLoader:
+        c = self.config
+        return DataLoader(dataset, c.batch_size, shuffle=(split == "train"), seed=c.seed,
+                          collate_fn=self.collate_fn(dataset, split))
+
+    def prepare(self, train_loader, eval_loader, resuming: bool) -> None:
+        """Hook before the loop starts (e.g. DPO's reference log-prob cache)."""
+
+    # ------------------------------------------------------------------ training
+    def make_optimizer(self):
+        return optim.AdamW(learning_rate=self.config.learning_rate, weight_decay=self.config.weight_decay)
+
+    def build_loop(self, train_loader, eval_loader=None, **kwargs) -> Loop:
+        c = self.config
+        if c.grad_checkpoint:
+            enable_grad_checkpoint(self.model)
+        return Loop(self.model, self.optimizer or self.make_optimizer(), self.compute_loss, train_loader,
+                    eval_data=eval_loader, eval_loss=getattr(self, "eval_loss", None), callbacks=self.callbacks,
+                    max_steps=c.max_steps, num_epochs=c.num_epochs, grad_accumulation_steps=c.grad_accumulation_steps,
+                    log_interval=c.log_interval, eval_interval=c.eval_interval, seed=c.seed, trainer=self,
+                    config=c, compile=c.compile, **kwargs)
+
+    def train(self, dataset, eval_dataset=None, resume_from: str | os.PathLike | None = None) -> TrainResult:
+        """Train on ``dataset`` (a dataset object or a JSONL path); returns a TrainResult with
+        ``history``, ``stop_reason`` and ``checkpoint_dir``."""
+        dataset = self.as_dataset(dataset)
+        eval_dataset = self.as_dataset(eval_dataset) if eval_dataset is not None else None
+        train_loader = self.make_loader(dataset, "train")
+        eval_loader = self.make_loader(eval_dataset, "eval") if eval_dataset is not None else None
+        self.loop = self.build_loop(train_loader, eval_loader)
+        self.prepare(train_loader, eval_loader, resuming=resume_from is not None)
+        self.model.train()
+        try:
+            return self.loop.fit(resume_from=resume_from)
+        finally:
+            self.model.eval()
+
+    def evaluate(self, dataset) -> dict[str, float]:
+        """Mean eval metrics of the current model on ``dataset``."""
+        loader = self.make_loader(self.as_dataset(dataset), "eval")
+        loop = self.build_loop(loader, loader, handle_signals=False)
+        self.prepare(loader, loader, resuming=False)
+        loop.callbacks = []
+        return loop.evaluate()
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load the trainable weights saved in ``path`` (step_N/best/final.safetensors)."""
+        weights, _ = ckpt.read_weights(path)
+        expected = dict(tree_flatten(self.model.trainable_parameters()))
+        ckpt.check_compatible(path, weights, expected)
+        self.model.load_weights(list(weights.items()), strict=False)
+        mx.eval(self.model.parameters())
+
+    def save_adapters(self, directory: str | os.PathLike) -> Path | None:
+        """With LoRA, write mlx-lm's ``adapters.safetensors`` + ``adapter_config.json``."""
+        if lora_settings(self.model) is None:
+            return None
+        return save_adapters(self.model, directory)
+
+    def resume_state(self) -> tuple[dict, dict]:
+        """Arrays and JSON the trainer needs to resume exactly (beyond the Loop's own)."""
+        return {}, {}
+
+    def load_resume_state(self, arrays: dict, doc: dict) -> None:
+        pass
+
+
+def enable_grad_checkpoint(model) -> None:
+    """Recompute each transformer block in the backward pass instead of storing activations."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        raise ValueError("grad_checkpoint needs a model with .layers (transformer blocks)")
+    cls = type(layers[0])
+    if getattr(cls, "_lazarus_checkpointed", False):
+        return
+    original = cls.__call__
+
+    def checkpointed(self, *args, **kwargs):
+        def inner(params, *a, **k):
+            self.update(params)
+            return original(self, *a, **k)
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    cls.__call__ = checkpointed
+    cls._lazarus_checkpointed = True

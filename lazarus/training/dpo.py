@@ -1,0 +1,160 @@
+"""Direct Preference Optimisation against a cached, frozen reference."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from lazarus.callbacks import EarlyStopping
+from lazarus.data import PreferenceDataset
+from lazarus.data.batching import DataLoader
+from lazarus.models.lora import adapters_disabled, lora_settings
+from lazarus.training.base import Trainer, TrainerConfig
+from lazarus.training.sft import masked_token_logps
+
+
+class DPOConfig(BaseModel):
+    """The DPO objective. ``beta`` scales the implicit reward (KL strength)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    beta: float = Field(0.1, gt=0, description="KL penalty coefficient")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed label noise")
+
+
+class DPOTrainerConfig(TrainerConfig):
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO objective settings")
+    learning_rate: float = Field(1e-6, gt=0, description="Learning rate (lower for DPO)")
+    target_reward_margin: float | None = Field(2.0, description="Early stop when rewards/margins reaches it")
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """Per-pair DPO losses and implicit rewards from summed sequence log-probs.
+
+    ``h = (pi_c - pi_r) - (ref_c - ref_r)``; sigmoid: ``-(1-e) logsig(b h) - e logsig(-b h)``;
+    ipo: ``(h - 1/(2b))^2``; hinge: ``relu(1 - b h)``. Rewards are ``b (pi - ref)``."""
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * nn.log_sigmoid(beta * h) - label_smoothing * nn.log_sigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = nn.relu(1.0 - beta * h)
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def sequence_logps(model, batch):
+    """Summed log-probs of the response tokens of each row."""
+    return (masked_token_logps(model, batch["inputs"], batch["targets"]) * batch["mask"]).sum(-1)
+
+
+class DPOTrainer(Trainer):
+    """``DPOTrainer(policy, reference, tokenizer, DPOTrainerConfig(...))``.
+
+    The reference never gets gradients: its log-probs are computed once for the whole
+    dataset before training, cached, and saved in checkpoints. ``reference_model=None``
+    uses the policy itself as it is before training, with LoRA adapters disabled when it
+    has them (no second copy of the weights)."""
+
+    config_class = DPOTrainerConfig
+    dataset_class = PreferenceDataset
+
+    def __init__(self, model, reference_model, tokenizer, config: DPOTrainerConfig | None = None,
+                 callbacks=None, optimizer=None):
+        self.reference_model = reference_model
+        self.ref_cache: dict[str, np.ndarray] = {}
+        super().__init__(model, tokenizer, config, callbacks, optimizer)
+        if reference_model is not None:
+            reference_model.freeze()
+            reference_model.eval()
+
+    def default_callbacks(self):
+        cbs = super().default_callbacks()
+        if self.config.target_reward_margin is not None:
+            cbs.append(EarlyStopping(target_reward_margin=self.config.target_reward_margin))
+        return cbs
+
+    def as_dataset(self, data):
+        if data is None or hasattr(data, "collate"):
+            return data
+        return PreferenceDataset(data, self.tokenizer, max_length=self.config.max_length)
+
+    # ---- reference cache -------------------------------------------------------------
+    def collate_fn(self, dataset, split):
+        def collate(indices, pad_multiple=8):
+            batch = dataset.collate(indices, pad_multiple)
+            cache = self.ref_cache[split]
+            batch["ref_chosen"] = mx.array(cache[0][indices])
+            batch["ref_rejected"] = mx.array(cache[1][indices])
+            return batch
+        return collate
+
+    def reference_logps(self, dataset) -> np.ndarray:
+        """(2, N) float32 array of reference log-probs of chosen and rejected responses."""
+        ref = self.reference_model
+        out = np.zeros((2, len(dataset)), dtype=np.float32)
+        loader = DataLoader(dataset, self.config.batch_size, shuffle=False, bucket=True)
+        fn = lambda b: sequence_logps(model_for_ref, b)  # noqa: E731
+        use_lora_ref = ref is None and lora_settings(self.model) is not None
+        model_for_ref = ref if ref is not None else self.model
+        was_training = model_for_ref.training
+        model_for_ref.eval()
+        try:
+            if use_lora_ref:
+                with adapters_disabled(self.model):
+                    self._fill(loader, fn, out)
+            else:
+                self._fill(loader, fn, out)
+        finally:
+            model_for_ref.train(was_training)
+        return out
+
+    @staticmethod
+    def _fill(loader, fn, out):
+        for i in range(len(loader)):
+            idx = loader.batch_indices(0, i)
+            batch = loader.dataset.collate(idx, loader.pad_multiple)
+            arrays = {k: v for k, v in batch.items() if isinstance(v, mx.array)}
+            logps = mx.stop_gradient(fn(arrays))
+            mx.eval(logps)
+            lp = np.array(logps)
+            n = len(idx)
+            out[0, idx], out[1, idx] = lp[:n], lp[n:]
+
+    def prepare(self, train_loader, eval_loader, resuming):
+        if not resuming or "train" not in self.ref_cache:
+            self.ref_cache["train"] = self.reference_logps(train_loader.dataset)
+        if eval_loader is not None and "eval" not in self.ref_cache:
+            self.ref_cache["eval"] = self.reference_logps(eval_loader.dataset)
+
+    def resume_state(self):
+        return {f"ref_cache.{k}": mx.array(v) for k, v in self.ref_cache.items()}, {}
+
+    def load_resume_state(self, arrays, doc):
+        for k, v in arrays.items():
+            if k.startswith("ref_cache."):
+                self.ref_cache[k[len("ref_cache."):]] = np.array(v)
+
+    # ---- objective -------------------------------------------------------------------
+    def compute_loss(self, model, batch):
+        c = self.config.dpo
+        logps = sequence_logps(model, batch)
+        n = logps.shape[0] // 2
+        pc, pr = logps[:n], logps[n:]
+        losses, cr, rr = dpo_loss(pc, pr, batch["ref_chosen"], batch["ref_rejected"], c.beta, c.loss_type,
+                                  c.label_smoothing)
+        metrics = {
+            "rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(), "rewards/margins": (cr - rr).mean(),
+            "rewards/accuracies": (cr > rr).astype(mx.float32).mean(),
+            "logps/chosen": pc.mean(), "logps/rejected": pr.mean(),
+        }
+        return losses.mean(), metrics
