@@ -207,7 +207,8 @@ class Loop:
             "fused": self._maybe_compile(fused),
             "grad": self._maybe_compile(grad_only),
             "apply": self._maybe_compile(apply),
-            "eval": mx.compile(evaluate) if self.use_compile else evaluate,
+            # the weights change between evaluations: they are inputs, not constants baked in at trace time
+            "eval": mx.compile(evaluate, inputs=[self.model.state]) if self.use_compile else evaluate,
         }
         self._split = any(cb.overrides("before_optimizer_step") for cb in self.callbacks)
 
@@ -497,7 +498,8 @@ class Loop:
         for k, v in arrays.items():
             if k.startswith("optimizer."):
                 _set_path(self.optimizer.state, k[len("optimizer."):], v)
-        mx.random.state[0] = arrays["rng.mlx"]
+        hi, lo = (int(v) for v in arrays["rng.mlx"].tolist())
+        mx.random.seed((hi << 32) | lo)  # a key [hi, lo] is exactly what seed(hi<<32|lo) installs
         random.setstate(_from_jsonable(doc["rng"]["python"]))
         n = doc["rng"]["numpy"]
         np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))

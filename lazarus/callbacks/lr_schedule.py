@@ -62,3 +62,10 @@ class LRSchedule(Callback):
                 self.total_steps = state.num_epochs * math.ceil(state.steps_per_epoch / accum)
         # MLX optimizers evaluate schedulers from their step counter inside `update`.
         state.optimizer._maybe_schedule("learning_rate", self.lr_at)
+
+    def state_dict(self):
+        # base_lr must survive resume: the optimizer then holds a *scheduled* value, not the base
+        return {"base_lr": self.base_lr, "total_steps": self.total_steps}
+
+    def load_state_dict(self, d):
+        self.base_lr, self.total_steps = d["base_lr"], d["total_steps"]

@@ -1,0 +1,48 @@
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lazarus  # noqa: E402,F401  (BLAS fast path before mlx.core)
+import pytest  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+EXAMPLES = Path(lazarus.__file__).parent / "data" / "examples"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A very small llama (hidden 64, 2 blocks, ~0.1M params) with the shipped tokenizer."""
+    from lazarus.models import create_tiny_model
+
+    d = tmp_path_factory.mktemp("tiny")
+    create_tiny_model(d, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+    return d
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    from lazarus.models import load_model
+
+    return load_model(tiny_dir)
+
+
+@pytest.fixture
+def tiny_lora(tiny_dir):
+    from lazarus.models import load_model
+
+    return load_model(tiny_dir, use_lora=True, lora_rank=4)
+
+
+@pytest.fixture
+def examples():
+    return EXAMPLES
+
+
+def write_jsonl(path, rows):
+    import json
+
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return Path(path)
