@@ -1,0 +1,119 @@
+"""load_model, LoRA, and adapter compatibility with mlx-lm in both directions."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from lazarus.models import ModelLoadError, create_tiny_model, load_model, save_adapters
+
+
+def logits(model, tok, text="What is 2+3?"):
+    ids = mx.array([list(tok.encode(text, add_special_tokens=False))])
+    return np.array(model(ids))
+
+
+def test_tiny_model_loads_with_lazarus_and_mlx_lm(tiny_dir):
+    from mlx_lm.utils import load as mlx_load
+
+    model, tok = load_model(tiny_dir)
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+    assert 50_000 < n < 5_000_000
+    assert tok.eos_token_id is not None and tok.chat_template
+    ref_model, _ = mlx_load(str(tiny_dir))
+    np.testing.assert_array_equal(logits(model, tok), logits(ref_model, tok))
+
+
+def test_default_tiny_model_size(tmp_path):
+    create_tiny_model(tmp_path / "m")
+    model, _ = load_model(tmp_path / "m")
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+    assert 300_000 < n < 3_000_000
+
+
+def test_loads_a_folder_written_by_mlx_lm_convert_quantized(tiny_dir, tmp_path):
+    from mlx_lm.convert import convert
+
+    out = tmp_path / "mlx_q"
+    convert(str(tiny_dir), str(out), quantize=True, q_group_size=32, q_bits=4)
+    model, tok = load_model(out, use_lora=True, lora_rank=2)
+    assert np.isfinite(logits(model, tok)).all()
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert trainable and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
+
+
+def test_lora_freezes_exactly_the_base(tiny_dir):
+    model, _ = load_model(tiny_dir, use_lora=True, lora_rank=4)
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    all_params = dict(tree_flatten(model.parameters()))
+    lora = {k for k in all_params if k.endswith(("lora_a", "lora_b"))}
+    assert set(trainable) == lora
+    # attention and MLP projections of every block are covered by default
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(k.endswith(f"layers.1.{'self_attn' if proj[0] in 'qkvo' else 'mlp'}.{proj}.lora_a") for k in lora), proj
+    # lora_b starts at zero: the LoRA model computes exactly the base model
+    base, tok = load_model(tiny_dir)
+    np.testing.assert_allclose(logits(model, tok), logits(base, tok), atol=1e-6)
+    # options reach the layers
+    m2, _ = load_model(tiny_dir, use_lora=True, lora_rank=2, lora_layers=1, lora_keys=["self_attn.q_proj"])
+    keys = set(dict(tree_flatten(m2.trainable_parameters())))
+    assert keys == {"model.layers.1.self_attn.q_proj.lora_a", "model.layers.1.self_attn.q_proj.lora_b"}
+
+
+def _perturb_lora(model):
+    params = dict(tree_flatten(model.trainable_parameters()))
+    rng = np.random.default_rng(0)
+    model.load_weights([(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32))) for k, v in params.items()],
+                       strict=False)
+
+
+def test_adapters_saved_by_lazarus_load_in_mlx_lm(tiny_dir, tmp_path):
+    from mlx_lm.utils import load as mlx_load
+
+    model, tok = load_model(tiny_dir, use_lora=True, lora_rank=4, lora_alpha=8.0)
+    _perturb_lora(model)
+    save_adapters(model, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == "lora" and cfg["lora_parameters"]["scale"] == 2.0
+    theirs, _ = mlx_load(str(tiny_dir), adapter_path=str(tmp_path / "ad"))
+    np.testing.assert_allclose(logits(model, tok), logits(theirs, tok), atol=1e-5)
+    # and mlx_lm's generate command accepts them
+    out = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(tiny_dir), "--adapter-path",
+                          str(tmp_path / "ad"), "--prompt", "What is 1+1?", "--max-tokens", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_adapters_trained_by_mlx_lm_lora_load_in_lazarus(tiny_dir, tmp_path, examples):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in (examples / "sft_train.jsonl").read_text().splitlines()[:8]]
+    text = "".join(json.dumps({"prompt": r["prompt"], "completion": r["response"]}) + "\n" for r in rows)
+    (data / "train.jsonl").write_text(text)
+    (data / "valid.jsonl").write_text(text)
+    out = subprocess.run([sys.executable, "-m", "mlx_lm", "lora", "--model", str(tiny_dir), "--train", "--data",
+                          str(data), "--iters", "2", "--batch-size", "2", "--adapter-path", str(tmp_path / "ad"),
+                          "--num-layers", "2", "--val-batches", "1", "--learning-rate", "1e-2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from mlx_lm.utils import load as mlx_load
+
+    theirs, tok = mlx_load(str(tiny_dir), adapter_path=str(tmp_path / "ad"))
+    ours, _ = load_model(tiny_dir, adapter_path=tmp_path / "ad", use_lora=True)
+    np.testing.assert_allclose(logits(ours, tok), logits(theirs, tok), atol=1e-5)
+    trainable = dict(tree_flatten(ours.trainable_parameters()))
+    assert trainable and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
+
+
+def test_clear_errors_for_missing_models(tmp_path):
+    with pytest.raises(ModelLoadError, match="model folder not found"):
+        load_model(tmp_path / "nothing-here")
+    with pytest.raises(ModelLoadError, match="not a local folder|model folder not found"):
+        load_model("some-org/some-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json is missing"):
+        load_model(tmp_path / "empty")
