@@ -72,6 +72,7 @@ class DPOTrainer(Trainer):
                  callbacks=None, optimizer=None):
         self.reference_model = reference_model
         self.ref_cache: dict[str, np.ndarray] = {}
+        self._cache_datasets: dict = {}
         super().__init__(model, tokenizer, config, callbacks, optimizer)
         if reference_model is not None:
             reference_model.freeze()
@@ -131,10 +132,17 @@ class DPOTrainer(Trainer):
             out[0, idx], out[1, idx] = lp[:n], lp[n:]
 
     def prepare(self, train_loader, eval_loader, resuming):
-        if not resuming or "train" not in self.ref_cache:
-            self.ref_cache["train"] = self.reference_logps(train_loader.dataset)
-        if eval_loader is not None and "eval" not in self.ref_cache:
-            self.ref_cache["eval"] = self.reference_logps(eval_loader.dataset)
+        self._cache_datasets = {"train": train_loader.dataset}
+        if eval_loader is not None:
+            self._cache_datasets["eval"] = eval_loader.dataset
+        self.ref_cache = {}
+        if not resuming:  # on resume the cache comes from the checkpoint (load_resume_state)
+            self._fill_missing_caches()
+
+    def _fill_missing_caches(self):
+        for split, ds in self._cache_datasets.items():
+            if split not in self.ref_cache or self.ref_cache[split].shape[1] != len(ds):
+                self.ref_cache[split] = self.reference_logps(ds)
 
     def resume_state(self):
         return {f"ref_cache.{k}": mx.array(v) for k, v in self.ref_cache.items()}, {}
@@ -143,6 +151,7 @@ class DPOTrainer(Trainer):
         for k, v in arrays.items():
             if k.startswith("ref_cache."):
                 self.ref_cache[k[len("ref_cache."):]] = np.array(v)
+        self._fill_missing_caches()  # e.g. an eval set that the interrupted run did not have
 
     # ---- objective -------------------------------------------------------------------
     def compute_loss(self, model, batch):
