@@ -96,7 +96,7 @@ class Loop:
         compile: bool = True,
         distributed: bool | str = "auto",
         handle_signals: bool = True,
-        extra_state: Callable | None = None,
+        distributed_timeout: float | None = None,
     ):
         if train_data is None:
             raise ValueError("Loop needs train_data (a loader of batches or of prompts for rollouts)")
@@ -126,6 +126,12 @@ class Loop:
             if group.size() > 1:
                 self.group = group
         self.world_size = self.group.size() if self.group else 1
+        # A peer that dies leaves the others blocked in a collective forever; the watchdog
+        # turns that into a clean non-zero exit after `distributed_timeout` seconds of no progress.
+        if distributed_timeout is None:
+            distributed_timeout = float(os.environ.get("LAZARUS_DIST_TIMEOUT", "600"))
+        self.distributed_timeout = distributed_timeout
+        self._heartbeat = time.monotonic()
         self.rank = self.group.rank() if self.group else 0
         if hasattr(train_data, "set_distributed"):
             train_data.set_distributed(self.rank, self.world_size)
@@ -309,6 +315,7 @@ class Loop:
                 totals[k] = totals.get(k, 0.0) + v * w
             wsum = wsum + w
             mx.eval(totals, wsum)
+            self._heartbeat = time.monotonic()
         if self.group is not None:
             totals = {k: self._all_sum(v) for k, v in totals.items()}
             wsum = self._all_sum(wsum)
@@ -359,6 +366,7 @@ class Loop:
             random.seed(self.seed)
         self._build_steps()
         old_handlers = self._install_signal_handlers()
+        watchdog = self._start_watchdog()
         try:
             self.emit("fit_start")
             self._interval_start = time.perf_counter()
@@ -369,8 +377,19 @@ class Loop:
         except BaseException as e:
             st.extras["exception"] = e
             self.emit("exception")
+            if self.group is not None:
+                # Peers are (or will be) blocked in a collective waiting for this rank: say why and
+                # exit now so the launcher reports the failure instead of hanging.
+                import sys
+                import traceback
+                traceback.print_exc()
+                print(f"[lazarus] rank {self.rank}: {type(e).__name__}: {e}; aborting the distributed run",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
             raise
         finally:
+            if watchdog is not None:
+                watchdog.set()
             self._restore_signal_handlers(old_handlers)
         return TrainResult(history=st.history, stop_reason=st.stop_reason or "completed",
                            checkpoint_dir=self.checkpoint_dir, state=st)
@@ -408,6 +427,7 @@ class Loop:
             if micro:
                 st.batch = micro[-1]
                 self._optimizer_step(micro)
+                self._heartbeat = time.monotonic()
                 if st.step % self.log_interval == 0 and self._sum_count:
                     self._log()
                 if self.eval_data is not None and self.eval_interval and st.step % self.eval_interval == 0:
@@ -420,6 +440,26 @@ class Loop:
                 st.epoch += 1
                 st.batch_in_epoch = 0
                 self._epoch_open = False
+
+    # ------------------------------------------------------------------ distributed watchdog
+    def _start_watchdog(self):
+        if self.group is None or not self.distributed_timeout:
+            return None
+        done = threading.Event()
+        self._heartbeat = time.monotonic()
+
+        def watch():
+            while not done.wait(1.0):
+                idle = time.monotonic() - self._heartbeat
+                if idle > self.distributed_timeout:
+                    import sys
+                    print(f"[lazarus] rank {self.rank}: no progress for {idle:.0f}s (limit "
+                          f"{self.distributed_timeout:.0f}s, LAZARUS_DIST_TIMEOUT); a peer rank probably "
+                          "failed. Aborting.", file=sys.stderr, flush=True)
+                    os._exit(3)
+
+        threading.Thread(target=watch, name="lazarus-watchdog", daemon=True).start()
+        return done
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self):

@@ -61,13 +61,11 @@ class DataLoader:
                 batches.extend(part[i: i + self.batch_size] for i in range(0, len(part), self.batch_size))
         else:
             batches = [order[i: i + self.batch_size] for i in range(0, n, self.batch_size)]
-        keep = []
-        for b in batches:
-            if len(b) < self.batch_size and (self.drop_last or len(b) % self.world_size):
-                continue
-            keep.append(b)
         if self.shuffle and self.bucket:
-            keep = [keep[i] for i in rng.permutation(len(keep))]
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        # Filter after shuffling so the order of the kept batches does not depend on the rank count.
+        keep = [b for b in batches
+                if len(b) == self.batch_size or not (self.drop_last or len(b) % self.world_size)]
         self._cache[epoch] = keep
         while len(self._cache) > 2:  # epoch 0 (for len) and the current one are enough
             self._cache.pop(next(k for k in self._cache if k != 0 and k != epoch))
