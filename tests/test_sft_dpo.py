@@ -253,3 +253,17 @@ def test_dpo_resume_is_exact_including_reference_cache(tiny_dir, tmp_path, examp
     for k in w1:
         np.testing.assert_array_equal(w1[k], w2[k], err_msg=k)
     assert [h["loss"] for h in r1.history] == [h["loss"] for h in r2.history]
+
+
+def test_grad_checkpoint_gives_the_same_training(tiny_dir, tmp_path, examples):
+    def run(gc):
+        mx.random.seed(0)
+        model, tok = load_model(tiny_dir, use_lora=True, lora_rank=4)
+        ds = SFTDataset(examples / "sft_train.jsonl", tok)
+        cfg = SFTConfig(max_steps=3, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_interval=1,
+                        checkpoint_interval=None, checkpoint_dir=str(tmp_path / str(gc)), grad_checkpoint=gc)
+        return [h["loss"] for h in SFTTrainer(model, tok, cfg).train(ds).history]
+
+    plain = run(False)
+    checkpointed = run(True)
+    np.testing.assert_allclose(plain, checkpointed, rtol=1e-5)

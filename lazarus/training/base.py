@@ -115,6 +115,10 @@ class Trainer:
         """Hook before the loop starts (e.g. DPO's reference log-prob cache)."""
 
     # ------------------------------------------------------------------ training
+    def train_module(self):
+        """The module the Loop optimises and checkpoints (the model; PPO adds its value head)."""
+        return self.model
+
     def make_optimizer(self):
         return optim.AdamW(learning_rate=self.config.learning_rate, weight_decay=self.config.weight_decay)
 
@@ -122,7 +126,7 @@ class Trainer:
         c = self.config
         if c.grad_checkpoint:
             enable_grad_checkpoint(self.model)
-        return Loop(self.model, self.optimizer or self.make_optimizer(), self.compute_loss, train_loader,
+        return Loop(self.train_module(), self.optimizer or self.make_optimizer(), self.compute_loss, train_loader,
                     eval_data=eval_loader, eval_loss=getattr(self, "eval_loss", None), callbacks=self.callbacks,
                     max_steps=c.max_steps, num_epochs=c.num_epochs, grad_accumulation_steps=c.grad_accumulation_steps,
                     log_interval=c.log_interval, eval_interval=c.eval_interval, seed=c.seed, trainer=self,
@@ -175,20 +179,28 @@ class Trainer:
 
 
 def enable_grad_checkpoint(model) -> None:
-    """Recompute each transformer block in the backward pass instead of storing activations."""
+    """Recompute each transformer block in the backward pass instead of storing activations.
+
+    ``__call__`` is looked up on the class, so the block class gets a wrapper once; the wrapper
+    only checkpoints instances that were flagged here, leaving other models untouched."""
     layers = getattr(model, "layers", None)
     if not layers:
         raise ValueError("grad_checkpoint needs a model with .layers (transformer blocks)")
     cls = type(layers[0])
-    if getattr(cls, "_lazarus_checkpointed", False):
-        return
-    original = cls.__call__
+    if not getattr(cls, "_lazarus_checkpoint_wrapper", False):
+        original = cls.__call__
 
-    def checkpointed(self, *args, **kwargs):
-        def inner(params, *a, **k):
-            self.update(params)
-            return original(self, *a, **k)
-        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+        def call(self, *args, **kwargs):
+            if not getattr(self, "_lazarus_grad_checkpoint", False):
+                return original(self, *args, **kwargs)
 
-    cls.__call__ = checkpointed
-    cls._lazarus_checkpointed = True
+            def inner(params, *a, **k):
+                self.update(params)
+                return original(self, *a, **k)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        cls.__call__ = call
+        cls._lazarus_checkpoint_wrapper = True
+    for layer in layers:
+        object.__setattr__(layer, "_lazarus_grad_checkpoint", True)
