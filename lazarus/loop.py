@@ -149,6 +149,7 @@ class Loop:
         self._interval_start = None
         self._signal: str | None = None
         self._steps: dict[str, Callable] = {}
+        self._padding: tuple[int | None, float] = (None, 0.0)
         self.checkpoint_dir: str | None = None
 
     # ------------------------------------------------------------------ events
@@ -287,6 +288,10 @@ class Loop:
         logged["steps_per_second"] = self._sum_count / elapsed
         logged["peak_memory_gb"] = mx.get_peak_memory() / 1e9
         logged["epoch"] = st.epoch + (st.batch_in_epoch / max(1, st.steps_per_epoch or 1))
+        if hasattr(self.train_data, "padding_fraction") and self.rollout is None:
+            if self._padding[0] != st.epoch:
+                self._padding = (st.epoch, self.train_data.padding_fraction(st.epoch))
+            logged["padding_fraction"] = self._padding[1]
         trainer = st.trainer
         if trainer is not None and hasattr(trainer, "derived_metrics"):
             logged.update(trainer.derived_metrics(logged))

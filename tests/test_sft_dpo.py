@@ -107,6 +107,7 @@ def test_sft_loss_goes_down_and_memorises(tiny_dir, tmp_path):
     losses = [h["loss"] for h in result.history if "loss" in h]
     assert losses[-1] < 0.1 * losses[0]
     assert "ppl" in result.history[-1] and "tokens_per_second" in result.history[-1]
+    assert 0 <= result.history[-1]["padding_fraction"] < 0.5
     assert greedy(model, tok, "Say hello") == "hello world"
     assert greedy(model, tok, "What is 3+4?") == "7"
 
