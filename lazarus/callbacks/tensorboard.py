@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+
 from lazarus.callbacks.base import Callback
 from lazarus.callbacks.logging_utils import config_dict, scalar_items
 
@@ -9,7 +12,10 @@ from lazarus.callbacks.logging_utils import config_dict, scalar_items
 class TensorBoardLogger(Callback):
     """Logs every metric as a scalar: training values under ``train/<name>``, evaluation
     values under ``eval/<name>``, at the optimizer step. Hyper-parameters once at start.
-    Flushes on every checkpoint and at the end. Rank 0 only."""
+    Flushes on every checkpoint and at the end. Rank 0 only.
+
+    A resumed run writes a new event file in the same ``log_dir`` that purges (hides in
+    TensorBoard) what the interrupted run logged after the checkpoint it resumes from."""
 
     order = 70
 
@@ -23,7 +29,14 @@ class TensorBoardLogger(Callback):
             return
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(logdir=self.log_dir, **self.writer_kwargs)
+        kwargs = dict(self.writer_kwargs)
+        # tensorboardX names files by the second: a resume (or a second run) within the same second
+        # would overwrite the first file, so every writer gets its own suffix.
+        kwargs.setdefault("filename_suffix", f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        if state.step > 0:
+            # resumed: hide whatever the interrupted run logged after the checkpoint
+            kwargs.setdefault("purge_step", state.step + 1)
+        self.writer = SummaryWriter(logdir=self.log_dir, **kwargs)
         cfg = config_dict(state.config)
         if cfg:
             text = "\n".join(f"    {k}: {v}" for k, v in sorted(cfg.items()))

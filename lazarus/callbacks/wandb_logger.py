@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from lazarus.callbacks.base import Callback
 from lazarus.callbacks.logging_utils import config_dict, scalar_items
 
@@ -29,7 +31,8 @@ class WandbLogger(Callback):
         import wandb
 
         if self.run_id is None:
-            self.run_id = wandb.util.generate_id()
+            # not wandb.util.generate_id (gone in recent wandb), nor `random` (seeded by the Loop)
+            self.run_id = uuid.uuid4().hex[:12]
         self.run = wandb.init(project=self.project, id=self.run_id, resume="allow",
                               config=config_dict(state.config), **self.init_kwargs)
         self.run.define_metric("train/*", step_metric="trainer/step")
