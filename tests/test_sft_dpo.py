@@ -122,6 +122,7 @@ def test_sft_eval_and_best_checkpoint(tiny_lora, tmp_path, examples):
     result = trainer.train(train, eval_dataset=ev)
     evals = [h for h in result.history if "eval/loss" in h]
     assert [h["step"] for h in evals] == [4, 8, 12]
+    assert len({h["eval/loss"] for h in evals}) == 3  # each evaluation sees the current weights
     ck = trainer.get_callback(Checkpoint)
     assert ck.monitor == "eval/loss" and ck.best_value == min(h["eval/loss"] for h in evals)
     for name in ("step_6", "step_12", "best", "final"):
