@@ -1,0 +1,172 @@
+"""Group Relative Policy Optimisation (GRPO) on the Loop.
+
+Each prompt batch becomes one rollout: ``group_size`` completions per prompt are sampled,
+scored by the reward functions, and each completion's advantage is its reward relative to
+its group (minus the group mean, divided by the group std when ``scale_rewards``). The loss
+is the PPO-style clipped surrogate per completion token against the sampling policy, plus
+``beta`` times the k3 estimate of KL(policy || reference). ``num_iterations`` passes over a
+rollout, each split into ``num_minibatches``, give that many optimizer steps per rollout.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import mlx.core as mx
+import numpy as np
+from pydantic import Field, model_validator
+
+from lazarus.training.base import TrainerConfig
+from lazarus.training.rollout import (OnlineRLTrainer, masked_mean, pack_sequences, split_minibatches, take_rows,
+                                      token_logps, trim_width)
+
+
+class GRPOConfig(TrainerConfig):
+    """GRPO settings. ``batch_size`` is the number of prompts per rollout (global)."""
+
+    group_size: int = Field(4, ge=2, description="Completions sampled per prompt")
+    max_completion_length: int = Field(128, ge=1, description="Token limit of each completion")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (also scales the training logits)")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0 disables)")
+    beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (k3 estimator); 0 needs no reference")
+    clip_epsilon: float = Field(0.2, gt=0, description="Lower (and default upper) ratio clip range")
+    clip_epsilon_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO 'clip higher')")
+    num_iterations: int = Field(1, ge=1, description="Optimisation passes over each rollout")
+    num_minibatches: int = Field(1, ge=1, description="Optimizer steps per pass (the rollout is split)")
+    scale_rewards: bool = Field(True, description="Divide group-centred rewards by the group std")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="Token aggregation: grpo = per-sequence mean, dapo = mean over all tokens, "
+                            "dr_grpo = sum / (sequences x max_completion_length)")
+    mask_truncated_completions: bool = Field(False, description="Exclude completions without EOS from the loss")
+    # RL-friendly overrides of the shared defaults
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (small for RL)")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.grad_accumulation_steps != 1:
+            raise ValueError("grad_accumulation_steps: GRPO takes one optimizer step per rollout minibatch; "
+                             "use num_minibatches / batch_size instead")
+        return self
+
+
+def group_advantages(rewards, group_size: int, scale_rewards: bool = True, eps: float = 1e-4):
+    """Advantages of ``rewards`` (prompt-major: rows ``[i*G, (i+1)*G)`` share a prompt).
+
+    ``A = r - mean(group)``, divided by ``std(group) + eps`` (population std) when
+    ``scale_rewards``. Returns ``(advantages, group_std)`` as numpy arrays."""
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.size % group_size:
+        raise ValueError(f"{r.size} rewards do not split into groups of {group_size}")
+    g = r.reshape(-1, group_size)
+    mean = g.mean(axis=1, keepdims=True)
+    std = g.std(axis=1, keepdims=True)
+    adv = g - mean
+    if scale_rewards:
+        adv = adv / (std + eps)
+    return adv.reshape(-1), std[:, 0]
+
+
+def k3_kl(logps, ref_logps):
+    """Per-token k3 estimate of KL(policy || reference): ``exp(d) - d - 1`` with
+    ``d = ref - logp``; never negative, 0 where the two agree."""
+    d = ref_logps - logps
+    return mx.exp(d) - d - 1.0
+
+
+def grpo_loss(logps, mask, advantages, old_logps=None, ref_logps=None, *, beta: float = 0.0,
+              clip_epsilon: float = 0.2, clip_epsilon_high: float | None = None, loss_type: str = "dapo",
+              max_completion_length: int | None = None):
+    """The GRPO objective from per-token log-probs.
+
+    ``logps``/``old_logps``/``ref_logps``/``mask``: (N, T); ``advantages``: (N,).
+    ``old_logps=None`` means the batch was sampled by the current weights (one pass per
+    rollout): the ratio is then exactly 1 in value while its gradient is that of ``logps``.
+    Returns ``(loss, metrics)`` with ``clip_ratio`` (share of tokens whose clipped term is the
+    active one) and, with a reference, ``kl`` (token mean of k3)."""
+    old = mx.stop_gradient(logps) if old_logps is None else old_logps
+    ratio = mx.exp(logps - old)
+    adv = advantages[:, None]
+    low = clip_epsilon
+    high = clip_epsilon if clip_epsilon_high is None else clip_epsilon_high
+    surrogate = mx.minimum(ratio * adv, mx.clip(ratio, 1.0 - low, 1.0 + high) * adv)
+    per_token = -surrogate
+    metrics = {}
+    if ref_logps is not None and beta > 0:
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * kl
+        metrics["kl"] = masked_mean(kl, mask)
+    masked = per_token * mask
+    if loss_type == "grpo":
+        loss = (masked.sum(axis=1) / mx.maximum(mask.sum(axis=1), 1.0)).mean()
+    elif loss_type == "dapo":
+        loss = masked.sum() / mx.maximum(mask.sum(), 1.0)
+    elif loss_type == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+        loss = masked.sum() / (mask.shape[0] * max_completion_length)
+    else:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}")
+    clipped = ((ratio < 1.0 - low) & (adv < 0)) | ((ratio > 1.0 + high) & (adv > 0))
+    metrics["clip_ratio"] = masked_mean(clipped.astype(mx.float32), mask)
+    return loss, metrics
+
+
+class GRPOTrainer(OnlineRLTrainer):
+    """``GRPOTrainer(model, tokenizer, GRPOConfig(...), reward_fn=fn).train(prompts)``.
+
+    ``reward_funcs=[f, g]`` with ``reward_weights=[1.0, 0.5]`` combines several rewards.
+    ``reference_model`` is only used when ``beta > 0`` (see :class:`OnlineRLTrainer`).
+
+    Logged: ``loss``, ``reward``, ``reward_std`` (mean within-group std), ``rewards/<name>``,
+    ``frac_reward_zero_std``, ``clip_ratio``, ``kl`` (beta > 0), ``completions/mean_length``,
+    ``completions/clipped_ratio`` (share that hit max_completion_length), and
+    ``timing/rollout_share`` (share of wall time spent in rollouts)."""
+
+    config_class = GRPOConfig
+
+    def steps_per_rollout(self) -> int:
+        return self.config.num_iterations * self.config.num_minibatches
+
+    def rollout(self, state, prompt_batch) -> list[dict]:
+        t0 = time.perf_counter()
+        c = self.config
+        comps, prompts, columns = self.sample(prompt_batch, c.group_size)
+        total, per = self.rewards(prompts, comps.texts, columns)
+        adv, group_std = group_advantages(total, c.group_size, c.scale_rewards)
+        inputs, targets, mask = pack_sequences(comps.prompt_ids, comps.completion_ids, self.pad_id)
+        if c.mask_truncated_completions:
+            mask = mask * np.asarray(comps.finished, dtype=np.float32)[:, None]
+        n = len(comps)
+        arrays = {"inputs": mx.array(inputs), "targets": mx.array(targets), "mask": mx.array(mask),
+                  "advantages": mx.array(adv.astype(np.float32))}
+        chunk = -(-n // c.num_minibatches)
+        if c.num_iterations > 1:
+            arrays["old_logps"] = self.policy_logps(arrays["inputs"], arrays["targets"], chunk)
+        if self.needs_reference():
+            arrays["ref_logps"] = self.reference_logps(arrays["inputs"], arrays["targets"], chunk)
+        metrics = {"reward": float(total.mean()), "reward_std": float(group_std.mean()),
+                   **self._per_reward_means(per),
+                   "frac_reward_zero_std": float(np.mean(group_std < 1e-6)), **comps.metrics()}
+        logs = self.log_arrays(metrics)
+        rng = np.random.default_rng([c.seed, state.step, 7])
+        batches = []
+        for _ in range(c.num_iterations):
+            for idx in split_minibatches(n, c.num_minibatches, rng):
+                part = trim_width(take_rows(arrays, idx)) if c.num_minibatches > 1 else dict(arrays)
+                ntok = float(np.asarray(mask)[idx].sum())
+                weight = ntok if c.loss_type == "dapo" else float(len(idx))
+                batches.append({**part, **logs, "loss_weight": mx.array(max(weight, 1.0)),
+                                "num_tokens": int(ntok)})
+        self._finish_rollout(t0)
+        return batches
+
+    def compute_loss(self, model, batch):
+        c = self.config
+        logps = token_logps(model, batch["inputs"], batch["targets"], c.temperature)
+        loss, metrics = grpo_loss(logps, batch["mask"], batch["advantages"], batch.get("old_logps"),
+                                  batch.get("ref_logps"), beta=c.beta, clip_epsilon=c.clip_epsilon,
+                                  clip_epsilon_high=c.clip_epsilon_high, loss_type=c.loss_type,
+                                  max_completion_length=c.max_completion_length)
+        return loss, {**metrics, **self.passthrough_metrics(batch)}
