@@ -18,8 +18,9 @@ class Checkpoint(Callback):
     asks for one), ``best.safetensors`` whenever ``monitor`` improves, and
     ``final.safetensors`` at the end. Each is resumable (see :mod:`lazarus.checkpointing`).
 
-    ``monitor`` defaults to ``eval/loss`` when the run has eval data, else the training
-    ``loss`` (interval average at each log). ``keep_last`` keeps only the newest N
+    ``monitor`` defaults to ``eval/loss`` when the run has eval data (judged after every
+    evaluation), else the training ``loss`` (its latest interval average, judged at every
+    periodic checkpoint). ``keep_last`` keeps only the newest N
     ``step_N`` files. Runs after the callbacks that decide what is best (order 90).
     """
 
@@ -78,6 +79,10 @@ class Checkpoint(Callback):
         self._write(state, f"step_{state.step}")
         if state.is_main_process:
             self._prune()
+        if not is_eval_metric(self.monitor):
+            # A training metric is judged when weights are written anyway: writing `best` at every
+            # improving log would cost a full-weights save every few steps early in training.
+            self._maybe_best(state)
 
     def _maybe_best(self, state) -> None:
         if not self.save_best:
@@ -95,9 +100,6 @@ class Checkpoint(Callback):
         if is_eval_metric(self.monitor):
             self._maybe_best(state)
 
-    def on_log(self, state) -> None:
-        if not is_eval_metric(self.monitor):
-            self._maybe_best(state)
 
     def on_fit_end(self, state) -> None:
         if self.save_final:
