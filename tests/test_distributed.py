@@ -75,3 +75,18 @@ def test_failing_rank_fails_the_launch_without_hanging(tiny_dir, data):
     assert p.returncode != 0
     assert "rank 1 failed on purpose" in p.stderr
     assert "distributed run failed" in p.stderr
+
+
+def test_two_rank_grpo_shares_prompts_and_stays_in_sync(tiny_dir, data):
+    out = data / "grpo"
+    out.mkdir()
+    prompts = Path(__file__).parent.parent / "lazarus" / "data" / "examples" / "prompts_train.jsonl"
+    cmd = [sys.executable, "-m", "lazarus.launch", "-n", "2", str(Path(__file__).parent / "distributed_grpo.py"),
+           str(tiny_dir), str(prompts), str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"grpo_rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["digest"] == r1["digest"] and r0["losses"] == r1["losses"] and r0["steps"] == 3
+    # each rank scored its own half of every global prompt batch (2 prompts x group 2 per step)
+    assert len(r0["prompts"]) == len(r1["prompts"]) == 3 * 2 * 2
+    assert not set(r0["prompts"]) & set(r1["prompts"])

@@ -191,7 +191,8 @@ def generate_completions(model, tokenizer, prompt_ids: list[list[int]], *, max_t
             except (TypeError, ValueError, AttributeError):
                 # an architecture whose attention cannot take per-row cache offsets: fall back
                 # to one row at a time (from the same random state, so runs stay reproducible)
-                mx.random.state[0] = rng
+                hi, lo = (int(v) for v in rng.tolist())
+                mx.random.seed((hi << 32) | lo)  # reinstalls exactly key [hi, lo]
         if rows is None:  # cache kinds that cannot be left-padded: one row at a time
             from mlx_lm.models.cache import make_prompt_cache
             rows = []
