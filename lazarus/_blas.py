@@ -61,10 +61,13 @@ def enable() -> str | None:
     if choice.lower() in ("none", "off", "0"):
         return None
     if "mlx.core" in sys.modules:
-        # Too late to change symbol resolution; stay silent unless asked explicitly.
-        if choice:
-            warnings.warn("LAZARUS_BLAS is set but mlx.core was imported before lazarus; "
-                          "import lazarus first for the BLAS fast path", stacklevel=3)
+        # Too late to change symbol resolution. Say so when it matters (CPU backend).
+        mx = sys.modules["mlx.core"]
+        cuda = getattr(getattr(mx, "cuda", None), "is_available", lambda: False)()
+        if choice or not (cuda or os.environ.get("LAZARUS_QUIET_BLAS")):
+            warnings.warn("mlx.core was imported before lazarus, so MLX's CPU matmul keeps its slow reference "
+                          "BLAS (~30x slower); `import lazarus` before `import mlx.core` for the fast path",
+                          stacklevel=3)
         return None
     if choice:
         if not _try_load(choice):
