@@ -110,7 +110,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp())
     model_dir = create_tiny_model(tmp / "model", hidden_size=args.hidden, num_layers=args.layers,
-                                  num_heads=8, num_kv_heads=8, intermediate_size=2 * args.hidden)
+                                  num_heads=8, num_kv_heads=8, intermediate_size=2 * args.hidden,
+                                  extra_texts=[" ".join(WORDS)] * 200)  # whole words become single tokens
     model, _ = load_model(model_dir)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     del model
