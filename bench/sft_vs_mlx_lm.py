@@ -72,7 +72,6 @@ def run_lazarus(model_dir, data_file, batch, lr, ckdir, grad_checkpoint=False):
     result = trainer.train(ds)
     dt = time.perf_counter() - t
     targets = sum(len(e.ids) - e.prompt_len for e in ds.examples)
-    processed = result.state.tokens_seen
     return dt, targets, mx.get_peak_memory() / 1e9, model
 
 

@@ -362,6 +362,11 @@ class Loop:
         st.steps_per_epoch = len(self.train_data)
         if st.steps_per_epoch == 0:
             raise ValueError("the training data yields no batches (dataset smaller than one batch?)")
+        per_draw = 1
+        if self.rollout is not None and hasattr(st.trainer, "steps_per_rollout"):
+            per_draw = st.trainer.steps_per_rollout()
+        st.planned_steps = self.max_steps if self.max_steps is not None else \
+            self.num_epochs * -(-st.steps_per_epoch // (1 if self.rollout else self.accum)) * per_draw
         self.optimizer.init(self.model.trainable_parameters())
         if resume_from is not None:
             self.load_resume_state(resume_from)

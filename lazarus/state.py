@@ -28,7 +28,8 @@ class State:
     tokens_seen: int = 0
     max_steps: int | None = None
     num_epochs: int | None = None
-    steps_per_epoch: int | None = None
+    steps_per_epoch: int | None = None  # batches (or prompt batches for RL) per epoch
+    planned_steps: int | None = None  # optimizer steps the run will take if nothing stops it
     metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     logged: dict[str, float] = field(default_factory=dict)

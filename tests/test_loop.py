@@ -1,7 +1,6 @@
 """The Loop: events, requests, schedules, clipping, checkpoints, early stopping, NaN, resume."""
 
 import math
-import os
 import signal
 import subprocess
 import sys

@@ -55,11 +55,7 @@ class LRSchedule(Callback):
         if self.base_lr is None:
             self.base_lr = float(state.optimizer.learning_rate.item())
         if self.total_steps is None:
-            if state.max_steps is not None:
-                self.total_steps = state.max_steps
-            elif state.num_epochs and state.steps_per_epoch:
-                accum = getattr(state.loop, "accum", 1)
-                self.total_steps = state.num_epochs * math.ceil(state.steps_per_epoch / accum)
+            self.total_steps = state.planned_steps
         # MLX optimizers evaluate schedulers from their step counter inside `update`.
         state.optimizer._maybe_schedule("learning_rate", self.lr_at)
 

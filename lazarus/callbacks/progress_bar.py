@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 
 from lazarus.callbacks.base import Callback
@@ -26,9 +25,7 @@ class ProgressBar(Callback):
             return
         from tqdm.auto import tqdm
 
-        total = state.max_steps
-        if total is None and state.num_epochs and state.steps_per_epoch:
-            total = state.num_epochs * math.ceil(state.steps_per_epoch / getattr(state.loop, "accum", 1))
+        total = state.planned_steps
         self.bar = tqdm(total=total, initial=state.step, desc="train", unit="step", file=file,
                         dynamic_ncols=True, leave=True)
 

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from pydantic import BaseModel, ConfigDict, Field
 
 from lazarus import checkpointing as ckpt
-from lazarus.callbacks import (Callback, Checkpoint, EarlyStopping, GradientClipping, LRSchedule, ProgressBar,
+from lazarus.callbacks import (Callback, Checkpoint, GradientClipping, LRSchedule, ProgressBar,
                                TerminateOnNaN)
 from lazarus.data import DataLoader
 from lazarus.loop import Loop, TrainResult
