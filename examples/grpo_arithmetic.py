@@ -24,28 +24,14 @@ import time
 from pathlib import Path
 
 import lazarus  # noqa: F401  (sets up the fast CPU path before mlx is imported)
-import mlx.core as mx
 
 from lazarus.data import PromptDataset
 from lazarus.models import create_tiny_model, load_model
-from lazarus.training import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, exact_match, generate_completions
+from lazarus.training.rollout import answer_accuracy
+from lazarus.training import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, exact_match
 
 DATA = Path(lazarus.__file__).parent / "data" / "examples"
 
-
-def accuracy(model, tokenizer, prompts: PromptDataset, samples: int = 0, seed: int = 0,
-             max_tokens: int = 6) -> float:
-    """Share of exact answers: greedy when ``samples == 0``, else the mean over ``samples``
-    completions per question at temperature 1."""
-    ids = [e.ids for e in prompts.examples]
-    answers = [str(e.columns["answer"]).strip() for e in prompts.examples]
-    if samples:
-        mx.random.seed(seed)
-        ids = [p for p in ids for _ in range(samples)]
-        answers = [a for a in answers for _ in range(samples)]
-    comps = generate_completions(model, tokenizer, ids, max_tokens=max_tokens,
-                                 temperature=1.0 if samples else 0.0)
-    return sum(t.strip() == a for t, a in zip(comps.texts, answers)) / len(answers)
 
 
 def main(argv=None) -> dict:
@@ -81,8 +67,8 @@ def main(argv=None) -> dict:
         lines = (DATA / "sft_train.jsonl").read_text().splitlines()[: args.sft_examples]
         (out / "sft_subset.jsonl").write_text("\n".join(lines) + "\n")
         sft_result = SFTTrainer(model, tok, sft).train(out / "sft_subset.jsonl")
-        before = {"greedy": accuracy(model, tok, eval_prompts),
-                  "sampled": accuracy(model, tok, eval_prompts, samples, args.seed)}
+        before = {"greedy": answer_accuracy(model, tok, eval_prompts),
+                  "sampled": answer_accuracy(model, tok, eval_prompts, samples, args.seed)}
         print(f"after SFT ({sft_epochs} epochs, loss {sft_result.history[-1]['loss']:.3f}): held-out accuracy "
               f"greedy {before['greedy']:.1%}, sampled {before['sampled']:.1%}")
 
@@ -94,8 +80,8 @@ def main(argv=None) -> dict:
         for h in result.history:
             print(f"  GRPO step {h['step']:4d}  reward {h['reward']:.3f}  "
                   f"zero-std groups {h['frac_reward_zero_std']:.2f}  rollout time {h['timing/rollout_share']:.0%}")
-        after = {"greedy": accuracy(model, tok, eval_prompts),
-                 "sampled": accuracy(model, tok, eval_prompts, samples, args.seed)}
+        after = {"greedy": answer_accuracy(model, tok, eval_prompts),
+                 "sampled": answer_accuracy(model, tok, eval_prompts, samples, args.seed)}
         print(f"after GRPO ({grpo_steps} steps): held-out accuracy greedy {after['greedy']:.1%}, "
               f"sampled {after['sampled']:.1%}")
         print(f"done in {time.perf_counter() - t0:.0f}s")

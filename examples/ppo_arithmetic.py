@@ -22,28 +22,14 @@ import time
 from pathlib import Path
 
 import lazarus  # noqa: F401  (sets up the fast CPU path before mlx is imported)
-import mlx.core as mx
 
 from lazarus.data import PromptDataset
 from lazarus.models import create_tiny_model, load_model
-from lazarus.training import PPOConfig, PPOTrainer, SFTConfig, SFTTrainer, exact_match, generate_completions
+from lazarus.training.rollout import answer_accuracy
+from lazarus.training import PPOConfig, PPOTrainer, SFTConfig, SFTTrainer, exact_match
 
 DATA = Path(lazarus.__file__).parent / "data" / "examples"
 
-
-def accuracy(model, tokenizer, prompts: PromptDataset, samples: int = 0, seed: int = 0,
-             max_tokens: int = 6) -> float:
-    """Share of exact answers: greedy when ``samples == 0``, else the mean over ``samples``
-    completions per question at temperature 1."""
-    ids = [e.ids for e in prompts.examples]
-    answers = [str(e.columns["answer"]).strip() for e in prompts.examples]
-    if samples:
-        mx.random.seed(seed)
-        ids = [p for p in ids for _ in range(samples)]
-        answers = [a for a in answers for _ in range(samples)]
-    comps = generate_completions(model, tokenizer, ids, max_tokens=max_tokens,
-                                 temperature=1.0 if samples else 0.0)
-    return sum(t.strip() == a for t, a in zip(comps.texts, answers)) / len(answers)
 
 
 def main(argv=None) -> dict:
@@ -78,9 +64,9 @@ def main(argv=None) -> dict:
         SFTTrainer(model, tok, sft).train(DATA / "sft_train.jsonl")
 
         def report(when: str) -> dict:
-            r = {"train_reward": accuracy(model, tok, train_prompts, samples, args.seed),
-                 "heldout_greedy": accuracy(model, tok, eval_prompts),
-                 "heldout_sampled": accuracy(model, tok, eval_prompts, samples, args.seed)}
+            r = {"train_reward": answer_accuracy(model, tok, train_prompts, samples, args.seed),
+                 "heldout_greedy": answer_accuracy(model, tok, eval_prompts),
+                 "heldout_sampled": answer_accuracy(model, tok, eval_prompts, samples, args.seed)}
             print(f"{when}: reward on training prompts (sampled) {r['train_reward']:.3f}; held-out accuracy "
                   f"greedy {r['heldout_greedy']:.1%}, sampled {r['heldout_sampled']:.1%}")
             return r

@@ -9,11 +9,22 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import write_jsonl
-from lazarus.callbacks import Checkpoint, EarlyStopping, GradientClipping, LRSchedule
+from lazarus.callbacks import Callback, Checkpoint, EarlyStopping, GradientClipping, LRSchedule
 from lazarus.data import PreferenceDataset, SFTDataset
 from lazarus.models import load_model
 from lazarus.training import (DPOConfig, DPOTrainer, DPOTrainerConfig, SFTConfig, SFTTrainer, dpo_loss)
 from lazarus.training.dpo import sequence_logps
+
+
+class StopAt(Callback):
+    """Interrupts a run after step ``n`` (as a crash or Ctrl-C would, but deterministically)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_step_end(self, state):
+        if state.step + 1 == self.n:
+            state.request_stop("test")
 
 
 def flat(model):
@@ -140,11 +151,7 @@ def test_sft_resume_is_exact(tiny_dir, tmp_path, examples):
         cbs = [EarlyStopping(monitor="loss", patience=50)]
         trainer = SFTTrainer(model, tok, cfg, callbacks=cbs)
         if stop_at:
-            class Stop(LRSchedule.__bases__[0]):
-                def on_step_end(self, state):
-                    if state.step + 1 == stop_at:
-                        state.request_stop("test")
-            trainer.callbacks.append(Stop())
+            trainer.callbacks.append(StopAt(stop_at))
         return model, trainer.train(ds, resume_from=resume)
 
     m1, r1 = run(8)
@@ -238,11 +245,7 @@ def test_dpo_resume_is_exact_including_reference_cache(tiny_dir, tmp_path, examp
                                target_reward_margin=None)
         trainer = DPOTrainer(policy, None, tok, cfg)
         if stop_at:
-            class Stop(LRSchedule.__bases__[0]):
-                def on_step_end(self, state):
-                    if state.step + 1 == stop_at:
-                        state.request_stop("test")
-            trainer.callbacks.append(Stop())
+            trainer.callbacks.append(StopAt(stop_at))
         if resume:
             trainer.reference_logps = None  # resume must use the cached values from the checkpoint
         return policy, trainer, trainer.train(ds, resume_from=resume)

@@ -215,6 +215,21 @@ def generate_completions(model, tokenizer, prompt_ids: list[list[int]], *, max_t
                        time.perf_counter() - t0, max_tokens)
 
 
+def answer_accuracy(model, tokenizer, prompts, column: str = "answer", samples: int = 0, seed: int = 0,
+                    max_tokens: int = 6) -> float:
+    """Share of completions that equal the prompt dataset's ``column`` (whitespace-stripped):
+    greedy when ``samples == 0``, else the mean over ``samples`` completions per prompt at
+    temperature 1 (seeded, so before/after comparisons sample alike)."""
+    ids = [e.ids for e in prompts.examples]
+    answers = [str(e.columns[column]).strip() for e in prompts.examples]
+    if samples:
+        mx.random.seed(seed)
+        ids = [p for p in ids for _ in range(samples)]
+        answers = [a for a in answers for _ in range(samples)]
+    comps = generate_completions(model, tokenizer, ids, max_tokens=max_tokens, temperature=1.0 if samples else 0.0)
+    return sum(t.strip() == a for t, a in zip(comps.texts, answers)) / len(answers)
+
+
 def _draw_key():
     """A fresh PRNG key drawn from (and advancing) the global ``mx.random`` state."""
     return mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
