@@ -215,7 +215,7 @@ def generate_completions(model, tokenizer, prompt_ids: list[list[int]], *, max_t
                        time.perf_counter() - t0, max_tokens)
 
 
-def answer_accuracy(model, tokenizer, prompts, column: str = "answer", samples: int = 0, seed: int = 0,
+def answer_accuracy(model, tokenizer, prompts, samples: int = 0, seed: int = 0, *, column: str = "answer",
                     max_tokens: int = 6) -> float:
     """Share of completions that equal the prompt dataset's ``column`` (whitespace-stripped):
     greedy when ``samples == 0``, else the mean over ``samples`` completions per prompt at
