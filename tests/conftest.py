@@ -46,3 +46,15 @@ def write_jsonl(path, rows):
 
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return Path(path)
+
+
+def stop_at(n):
+    """A callback that requests a stop after step ``n`` (a deterministic stand-in for an interruption)."""
+    from lazarus.callbacks import Callback
+
+    class StopAt(Callback):
+        def on_step_end(self, state):
+            if state.step + 1 == n:
+                state.request_stop("test")
+
+    return StopAt()

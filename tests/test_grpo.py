@@ -8,10 +8,10 @@ import pydantic
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from lazarus.callbacks import Callback
 from lazarus.checkpointing import read_checkpoint
 from lazarus.data import PromptDataset
 from lazarus.models import load_model
+from conftest import stop_at as stop_callback
 from lazarus.state import State
 from lazarus.training import GRPOConfig, GRPOTrainer, exact_match, group_advantages, grpo_loss, k3_kl
 from lazarus.training.rollout import token_logps
@@ -29,15 +29,6 @@ def favour_seven(prompts, completions, **columns):
 def char_hash(prompts, completions, **columns):
     """A dense, arbitrary reward: every completion scores differently."""
     return [(sum(map(ord, c)) % 13) / 13 for c in completions]
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, state):
-        if state.step + 1 == self.step:
-            state.request_stop("test")
 
 
 # ---------------------------------------------------------------- math by hand
@@ -185,7 +176,7 @@ def test_grpo_resume_is_exact_mid_rollout(tiny_dir, tmp_path, examples):
                          num_iterations=2, num_minibatches=2, beta=0.05, clip_epsilon_high=0.3, log_interval=1,
                          checkpoint_dir=str(tmp_path / out), checkpoint_interval=stop_at or 1000, seed=3)
         trainer = GRPOTrainer(model, tok, cfg, reward_funcs=[char_hash, exact_match()], reward_weights=[1, 2],
-                              callbacks=[StopAt(stop_at)] if stop_at else None)
+                              callbacks=[stop_callback(stop_at)] if stop_at else None)
         return model, trainer, trainer.train(ds, resume_from=resume)
 
     m1, t1, r1 = run()

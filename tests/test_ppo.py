@@ -8,10 +8,10 @@ import pydantic
 import pytest
 from mlx.utils import tree_flatten
 
-from lazarus.callbacks import Callback
 from lazarus.checkpointing import read_checkpoint, read_weights
 from lazarus.data import PromptDataset
 from lazarus.models import load_model
+from conftest import stop_at as stop_callback
 from lazarus.state import State
 from lazarus.training import PolicyWithValueHead, PPOConfig, PPOTrainer, gae, ppo_loss, whiten
 
@@ -26,15 +26,6 @@ def favour_seven(prompts, completions, **columns):
 
 def char_hash(prompts, completions, **columns):
     return [(sum(map(ord, c)) % 13) / 13 for c in completions]
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, state):
-        if state.step + 1 == self.step:
-            state.request_stop("test")
 
 
 # ---------------------------------------------------------------- math by hand
@@ -154,7 +145,7 @@ def test_ppo_resume_is_exact_including_value_head(tiny_dir, tmp_path, examples):
                                max_completion_length=6, checkpoint_dir=str(tmp_path / out),
                                checkpoint_interval=stop_at or 1000)
         if stop_at:
-            trainer.callbacks.append(StopAt(stop_at))
+            trainer.callbacks.append(stop_callback(stop_at))
         return trainer, trainer.train(ds, resume_from=resume)
 
     t1, r1 = run()

@@ -8,23 +8,12 @@ import pydantic
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import write_jsonl
-from lazarus.callbacks import Callback, Checkpoint, EarlyStopping, GradientClipping, LRSchedule
+from conftest import stop_at as stop_at_step, write_jsonl
+from lazarus.callbacks import Checkpoint, EarlyStopping, GradientClipping, LRSchedule
 from lazarus.data import PreferenceDataset, SFTDataset
 from lazarus.models import load_model
 from lazarus.training import (DPOConfig, DPOTrainer, DPOTrainerConfig, SFTConfig, SFTTrainer, dpo_loss)
 from lazarus.training.dpo import sequence_logps
-
-
-class StopAt(Callback):
-    """Interrupts a run after step ``n`` (as a crash or Ctrl-C would, but deterministically)."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def on_step_end(self, state):
-        if state.step + 1 == self.n:
-            state.request_stop("test")
 
 
 def flat(model):
@@ -151,7 +140,7 @@ def test_sft_resume_is_exact(tiny_dir, tmp_path, examples):
         cbs = [EarlyStopping(monitor="loss", patience=50)]
         trainer = SFTTrainer(model, tok, cfg, callbacks=cbs)
         if stop_at:
-            trainer.callbacks.append(StopAt(stop_at))
+            trainer.callbacks.append(stop_at_step(stop_at))
         return model, trainer.train(ds, resume_from=resume)
 
     m1, r1 = run(8)
@@ -245,7 +234,7 @@ def test_dpo_resume_is_exact_including_reference_cache(tiny_dir, tmp_path, examp
                                target_reward_margin=None)
         trainer = DPOTrainer(policy, None, tok, cfg)
         if stop_at:
-            trainer.callbacks.append(StopAt(stop_at))
+            trainer.callbacks.append(stop_at_step(stop_at))
         if resume:
             trainer.reference_logps = None  # resume must use the cached values from the checkpoint
         return policy, trainer, trainer.train(ds, resume_from=resume)

@@ -17,18 +17,15 @@ import mlx.core as mx
 import numpy as np
 from pydantic import Field, model_validator
 
-from lazarus.training.base import TrainerConfig
-from lazarus.training.rollout import (OnlineRLTrainer, masked_mean, pack_sequences, split_minibatches, take_rows,
+from lazarus.training.rollout import (OnlineRLConfig, OnlineRLTrainer, masked_mean, pack_sequences,
+                                      split_minibatches, take_rows,
                                       token_logps, trim_width)
 
 
-class GRPOConfig(TrainerConfig):
+class GRPOConfig(OnlineRLConfig):
     """GRPO settings. ``batch_size`` is the number of prompts per rollout (global)."""
 
     group_size: int = Field(4, ge=2, description="Completions sampled per prompt")
-    max_completion_length: int = Field(128, ge=1, description="Token limit of each completion")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (also scales the training logits)")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0 disables)")
     beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (k3 estimator); 0 needs no reference")
     clip_epsilon: float = Field(0.2, gt=0, description="Lower (and default upper) ratio clip range")
     clip_epsilon_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO 'clip higher')")

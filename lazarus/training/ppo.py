@@ -26,20 +26,15 @@ from mlx.utils import tree_flatten
 from pydantic import Field, model_validator
 
 from lazarus import checkpointing as ckpt
-from lazarus.training.base import TrainerConfig
-from lazarus.training.rollout import (OnlineRLTrainer, chunked, eval_mode, logps_from_logits, masked_mean,
+from lazarus.training.rollout import (OnlineRLConfig, OnlineRLTrainer, chunked, eval_mode, logps_from_logits, masked_mean,
                                       pack_sequences, split_minibatches, take_rows, trim_width)
 
 
-class PPOConfig(TrainerConfig):
+class PPOConfig(OnlineRLConfig):
     """PPO settings. ``batch_size`` is the number of prompts per rollout (global)."""
 
     group_size: int = Field(1, ge=1, description="Completions sampled per prompt")
-    max_completion_length: int = Field(128, ge=1, description="Token limit of each completion")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (also scales the training logits)")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0 disables)")
     beta: float = Field(0.05, ge=0, description="Per-token KL penalty in the reward; 0 needs no reference")
-    clip_epsilon: float = Field(0.2, gt=0, description="Policy ratio clip range")
     value_clip_epsilon: float = Field(0.2, gt=0, description="Value clip range around the rollout's values")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda")

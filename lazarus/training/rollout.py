@@ -25,7 +25,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from lazarus.data import PromptDataset
 from lazarus.data.batching import DataLoader
 from lazarus.models.lora import adapters_disabled, lora_settings
-from lazarus.training.base import Trainer
+from pydantic import Field
+
+from lazarus.training.base import Trainer, TrainerConfig
 from lazarus.training.rewards import RewardFunctions
 
 #: Prefix of batch entries that ``compute_loss`` passes through as logged metrics.
@@ -287,6 +289,16 @@ def chunked(fn, n: int, chunk: int, *arrays):
 
 
 # ---------------------------------------------------------------------------------- shared trainer
+class OnlineRLConfig(TrainerConfig):
+    """Sampling and clipping settings shared by GRPO and PPO. ``batch_size`` is the number of
+    prompts per rollout (global)."""
+
+    max_completion_length: int = Field(128, ge=1, description="Token limit of each completion")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (also scales the training logits)")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0 disables)")
+    clip_epsilon: float = Field(0.2, gt=0, description="Policy ratio clip range (GRPO: the lower one)")
+
+
 class OnlineRLTrainer(Trainer):
     """Base of GRPO and PPO: samples completions for each prompt batch, scores them with the
     reward functions and turns them into optimizer-step batches (``rollout``), which the Loop
