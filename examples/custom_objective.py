@@ -25,7 +25,7 @@ import lazarus
 from lazarus.data import PreferenceDataset
 from lazarus.models import create_tiny_model, load_model
 from lazarus.training import Trainer, TrainerConfig
-from lazarus.training.sft import masked_token_logps
+from lazarus.training.base import token_logps
 
 DATA = Path(lazarus.__file__).parent / "data" / "examples"
 
@@ -41,7 +41,7 @@ class SimPOTrainer(Trainer):
     dataset_class = PreferenceDataset  # train("prefs.jsonl") builds one; batches hold chosen rows, then rejected
 
     def compute_loss(self, model, batch):
-        logps = masked_token_logps(model, batch["inputs"], batch["targets"]) * batch["mask"]
+        logps = token_logps(model, batch["inputs"], batch["targets"]) * batch["mask"]
         avg = logps.sum(-1) / mx.maximum(batch["mask"].sum(-1), 1.0)  # mean log-prob per response token
         n = avg.shape[0] // 2
         chosen, rejected = avg[:n], avg[n:]

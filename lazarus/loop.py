@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
+import traceback
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,15 @@ class TrainResult:
 def array_part(batch: dict) -> dict:
     """The entries of a batch that the compiled step consumes."""
     return {k: v for k, v in batch.items() if isinstance(v, mx.array)}
+
+
+def set_mlx_rng_key(key: mx.array) -> None:
+    """Make ``key`` (a saved ``mx.random.state[0]``) MLX's global PRNG key again.
+
+    The state object is not assignable; ``mx.random.seed(n)`` installs key ``[n >> 32, n & 0xffffffff]``,
+    so seeding with ``hi << 32 | lo`` restores ``[hi, lo]`` exactly."""
+    hi, lo = (int(v) for v in key.tolist())
+    mx.random.seed((hi << 32) | lo)
 
 
 def _set_path(tree, path: str, value) -> None:
@@ -390,8 +401,6 @@ class Loop:
             if self.group is not None:
                 # Peers are (or will be) blocked in a collective waiting for this rank: say why and
                 # exit now so the launcher reports the failure instead of hanging.
-                import sys
-                import traceback
                 traceback.print_exc()
                 print(f"[lazarus] rank {self.rank}: {type(e).__name__}: {e}; aborting the distributed run",
                       file=sys.stderr, flush=True)
@@ -462,7 +471,6 @@ class Loop:
             while not done.wait(1.0):
                 idle = time.monotonic() - self._heartbeat
                 if idle > self.distributed_timeout:
-                    import sys
                     print(f"[lazarus] rank {self.rank}: no progress for {idle:.0f}s (limit "
                           f"{self.distributed_timeout:.0f}s, LAZARUS_DIST_TIMEOUT); a peer rank probably "
                           "failed. Aborting.", file=sys.stderr, flush=True)
@@ -548,8 +556,7 @@ class Loop:
         for k, v in arrays.items():
             if k.startswith("optimizer."):
                 _set_path(self.optimizer.state, k[len("optimizer."):], v)
-        hi, lo = (int(v) for v in arrays["rng.mlx"].tolist())
-        mx.random.seed((hi << 32) | lo)  # a key [hi, lo] is exactly what seed(hi<<32|lo) installs
+        set_mlx_rng_key(arrays["rng.mlx"])
         random.setstate(_from_jsonable(doc["rng"]["python"]))
         n = doc["rng"]["numpy"]
         np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))

@@ -234,3 +234,20 @@ def test_wrong_dataset_kind_is_a_clear_error(tiny, tmp_path, examples):
         trainer.train(SFTDataset(examples / "sft_train.jsonl", tok))
     with pytest.raises(ValueError, match="at least one reward function"):
         GRPOTrainer(model, tok, GRPOConfig())
+
+
+def test_planned_steps_count_every_batch_of_a_rollout(tiny, tmp_path):
+    """Without max_steps, the LR decay horizon and the progress total are prompt batches x
+    optimizer steps per rollout (State.planned_steps), not prompt batches alone."""
+    from conftest import write_jsonl
+    from lazarus.callbacks import LRSchedule
+
+    model, tok = tiny
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(4)])
+    cfg = GRPOConfig(num_epochs=1, batch_size=2, group_size=2, max_completion_length=3, num_iterations=2,
+                     num_minibatches=2, lr_schedule="linear", log_interval=1, checkpoint_interval=None,
+                     checkpoint_dir=str(tmp_path / "ck"))
+    trainer = GRPOTrainer(model, tok, cfg, reward_fn=exact_match())
+    result = trainer.train(prompts)
+    assert result.state.planned_steps == 2 * 4 == result.state.step
+    assert trainer.get_callback(LRSchedule).total_steps == 8

@@ -19,6 +19,19 @@ from lazarus.loop import Loop, TrainResult
 from lazarus.models.lora import lora_settings, save_adapters
 
 
+def token_logps(model, inputs, targets, temperature: float = 1.0):
+    """Per-position log-prob of ``targets`` under ``softmax(model(inputs) / temperature)``, in float32."""
+    return logps_from_logits(model(inputs), targets, temperature)
+
+
+def logps_from_logits(logits, targets, temperature: float = 1.0):
+    logits = logits.astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits * (1.0 / temperature)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - mx.logsumexp(logits, axis=-1)
+
+
 class TrainerConfig(BaseModel):
     """Fields shared by every trainer. Unknown or invalid fields are errors naming the field."""
 

@@ -13,8 +13,7 @@ from lazarus.callbacks import EarlyStopping
 from lazarus.data import PreferenceDataset
 from lazarus.data.batching import DataLoader
 from lazarus.models.lora import adapters_disabled, lora_settings
-from lazarus.training.base import Trainer, TrainerConfig
-from lazarus.training.sft import masked_token_logps
+from lazarus.training.base import Trainer, TrainerConfig, token_logps
 
 
 class DPOConfig(BaseModel):
@@ -54,7 +53,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 def sequence_logps(model, batch):
     """Summed log-probs of the response tokens of each row."""
-    return (masked_token_logps(model, batch["inputs"], batch["targets"]) * batch["mask"]).sum(-1)
+    return (token_logps(model, batch["inputs"], batch["targets"]) * batch["mask"]).sum(-1)
 
 
 class DPOTrainer(Trainer):

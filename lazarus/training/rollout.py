@@ -23,11 +23,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lazarus.data import PromptDataset
+from lazarus.loop import set_mlx_rng_key
 from lazarus.data.batching import DataLoader
 from lazarus.models.lora import adapters_disabled, lora_settings
 from pydantic import Field
 
-from lazarus.training.base import Trainer, TrainerConfig
+from lazarus.training.base import Trainer, TrainerConfig, logps_from_logits, token_logps  # noqa: F401
 from lazarus.training.rewards import RewardFunctions
 
 #: Prefix of batch entries that ``compute_loss`` passes through as logged metrics.
@@ -193,8 +194,7 @@ def generate_completions(model, tokenizer, prompt_ids: list[list[int]], *, max_t
             except (TypeError, ValueError, AttributeError):
                 # an architecture whose attention cannot take per-row cache offsets: fall back
                 # to one row at a time (from the same random state, so runs stay reproducible)
-                hi, lo = (int(v) for v in rng.tolist())
-                mx.random.seed((hi << 32) | lo)  # reinstalls exactly key [hi, lo]
+                set_mlx_rng_key(rng)
         if rows is None:  # cache kinds that cannot be left-padded: one row at a time
             from mlx_lm.models.cache import make_prompt_cache
             rows = []
@@ -255,20 +255,6 @@ def pack_sequences(prompt_ids, completion_ids, pad_id: int, pad_multiple: int = 
         targets[b, : len(s) - 1] = s[1:]
         mask[b, len(p) - 1: len(s) - 1] = 1.0
     return inputs, targets, mask
-
-
-def token_logps(model, inputs, targets, temperature: float = 1.0):
-    """Per-position log-prob of ``targets`` under ``softmax(model(inputs) / temperature)``."""
-    logits = model(inputs).astype(mx.float32)
-    return logps_from_logits(logits, targets, temperature)
-
-
-def logps_from_logits(logits, targets, temperature: float = 1.0):
-    logits = logits.astype(mx.float32)
-    if temperature != 1.0:
-        logits = logits * (1.0 / temperature)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - mx.logsumexp(logits, axis=-1)
 
 
 def masked_mean(x, mask, axis=None):
@@ -338,7 +324,7 @@ class OnlineRLTrainer(Trainer):
         return 1
 
     def train(self, dataset, eval_dataset=None, resume_from=None):
-        from lazarus.callbacks import Checkpoint, LRSchedule
+        from lazarus.callbacks import Checkpoint
 
         dataset = self.as_dataset(dataset)
         for ds in (dataset, self.as_dataset(eval_dataset) if eval_dataset is not None else None):
@@ -349,10 +335,6 @@ class OnlineRLTrainer(Trainer):
         if ckpt_cb is not None and ckpt_cb.monitor is None:
             ckpt_cb.monitor = "eval/reward" if eval_dataset is not None else "reward"
             ckpt_cb.mode = "max"
-        sched = self.get_callback(LRSchedule)
-        if sched is not None and sched.total_steps is None and self.config.max_steps is None:
-            n_batches = len(self.make_loader(dataset, "train"))
-            sched.total_steps = self.config.num_epochs * n_batches * self.steps_per_rollout()
         if self._needs_snapshot():  # a resumed run gets the snapshot saved in its checkpoint instead
             self._ref_params = None
             if resume_from is None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 from pydantic import Field
 
 from lazarus.data import SFTDataset
-from lazarus.training.base import Trainer, TrainerConfig
+from lazarus.training.base import Trainer, TrainerConfig, token_logps
 
 
 class SFTConfig(TrainerConfig):
@@ -17,12 +16,6 @@ class SFTConfig(TrainerConfig):
 
     def dataset_kwargs(self) -> dict:
         return {"max_length": self.max_length, "mask_prompt": self.mask_prompt}
-
-
-def masked_token_logps(model, inputs, targets):
-    """Per-token log-probability of ``targets`` under ``model`` (float32)."""
-    logits = model(inputs).astype(mx.float32)
-    return -nn.losses.cross_entropy(logits, targets, reduction="none")
 
 
 class SFTTrainer(Trainer):
@@ -44,7 +37,7 @@ class SFTTrainer(Trainer):
         return SFTDataset(data, self.tokenizer, **self.config.dataset_kwargs())
 
     def compute_loss(self, model, batch):
-        logps = masked_token_logps(model, batch["inputs"], batch["targets"])
+        logps = token_logps(model, batch["inputs"], batch["targets"])
         mask = batch["mask"]
         ntok = mx.maximum(mask.sum(), 1.0)
         loss = -(logps * mask).sum() / ntok
