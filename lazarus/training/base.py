@@ -16,6 +16,7 @@ from lazarus.callbacks import (Callback, Checkpoint, GradientClipping, LRSchedul
                                TerminateOnNaN)
 from lazarus.data import DataLoader
 from lazarus.loop import Loop, TrainResult
+from lazarus.models import fast_cpu
 from lazarus.models.lora import lora_settings, save_adapters
 
 
@@ -29,7 +30,7 @@ def logps_from_logits(logits, targets, temperature: float = 1.0):
     if temperature != 1.0:
         logits = logits * (1.0 / temperature)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - mx.logsumexp(logits, axis=-1)
+    return picked - fast_cpu.log_normalizer(logits)
 
 
 class TrainerConfig(BaseModel):
@@ -55,6 +56,8 @@ class TrainerConfig(BaseModel):
     max_length: int | None = Field(None, ge=2, description="Token limit when the trainer builds datasets from paths")
     compile: bool = Field(True, description="mx.compile the training step")
     grad_checkpoint: bool = Field(False, description="Recompute block activations in backward (less memory)")
+    fast_cpu_kernels: bool = Field(True, description="On MLX's CPU backend, compute exp-heavy layers (SwiGLU, "
+                                   "attention softmax, log-softmax) with a vectorised exp; no effect on GPU")
 
 
 class Trainer:
@@ -153,20 +156,22 @@ class Trainer:
         train_loader = self.make_loader(dataset, "train")
         eval_loader = self.make_loader(eval_dataset, "eval") if eval_dataset is not None else None
         self.loop = self.build_loop(train_loader, eval_loader)
-        self.prepare(train_loader, eval_loader, resuming=resume_from is not None)
-        self.model.train()
-        try:
-            return self.loop.fit(resume_from=resume_from)
-        finally:
-            self.model.eval()
+        with fast_cpu.fast_cpu_kernels(self.model, self.config.fast_cpu_kernels):
+            self.prepare(train_loader, eval_loader, resuming=resume_from is not None)
+            self.model.train()
+            try:
+                return self.loop.fit(resume_from=resume_from)
+            finally:
+                self.model.eval()
 
     def evaluate(self, dataset) -> dict[str, float]:
         """Mean eval metrics of the current model on ``dataset``."""
         loader = self.make_loader(self.as_dataset(dataset), "eval")
         loop = self.build_loop(loader, loader, handle_signals=False)
-        self.prepare(loader, loader, resuming=False)
-        loop.callbacks = []
-        return loop.evaluate()
+        with fast_cpu.fast_cpu_kernels(self.model, self.config.fast_cpu_kernels):
+            self.prepare(loader, loader, resuming=False)
+            loop.callbacks = []
+            return loop.evaluate()
 
     # ------------------------------------------------------------------ checkpoints
     def load_checkpoint(self, path: str | os.PathLike) -> None:

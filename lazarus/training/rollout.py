@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from lazarus.data import PromptDataset
 from lazarus.loop import set_mlx_rng_key
 from lazarus.data.batching import DataLoader
+from lazarus.models import fast_cpu
 from lazarus.models.lora import adapters_disabled, lora_settings
 from pydantic import Field
 
@@ -101,11 +102,11 @@ def _batch_cache(model, left_padding: list[int]):
 def _sample(logits, temperature: float, top_p: float, key=None):
     logits = logits.astype(mx.float32)
     if temperature <= 0:
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = logits - fast_cpu.log_normalizer(logits, keepdims=True)
         tokens = mx.argmax(logits, axis=-1)
     else:
         scaled = logits * (1.0 / temperature)
-        logprobs = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+        logprobs = scaled - fast_cpu.log_normalizer(scaled, keepdims=True)
         candidates = logprobs
         if top_p < 1.0:
             from mlx_lm.sample_utils import apply_top_p
