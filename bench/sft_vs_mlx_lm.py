@@ -58,13 +58,13 @@ def matmul_peak_gflops() -> float:
     return 10 * 2 * 1024 ** 3 / (time.perf_counter() - t) / 1e9
 
 
-def run_lazarus(model_dir, data_file, batch, lr, ckdir, grad_checkpoint=False):
+def run_lazarus(model_dir, data_file, batch, lr, ckdir, grad_checkpoint=False, fast_cpu_kernels=True):
     mx.random.seed(0)
     model, tok = load_model(model_dir, use_lora=True, lora_rank=8)
     ds = SFTDataset(data_file, tok)
     cfg = SFTConfig(num_epochs=1, batch_size=batch, learning_rate=lr, warmup_steps=0, max_grad_norm=None,
                     checkpoint_interval=None, checkpoint_dir=str(ckdir), log_interval=10 ** 6,
-                    grad_checkpoint=grad_checkpoint)
+                    grad_checkpoint=grad_checkpoint, fast_cpu_kernels=fast_cpu_kernels)
     trainer = SFTTrainer(model, tok, cfg, callbacks=[Checkpoint(ckdir, interval=None, save_best=False)])
     trainer.make_optimizer = lambda: optim.Adam(learning_rate=lr)
     mx.reset_peak_memory()
@@ -107,6 +107,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--grad-checkpoint", action="store_true", help="also measure grad_checkpoint: true")
+    ap.add_argument("--ablate", action="store_true", help="also run Lazarus with fast_cpu_kernels: false")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp())
     model_dir = create_tiny_model(tmp / "model", hidden_size=args.hidden, num_layers=args.layers,
@@ -121,18 +122,22 @@ def main(argv=None):
     rows = []
     for variable in (True, False):
         data = make_data(tmp / f"data_{variable}.jsonl", args.examples, variable)
-        best = {"mlx": None, "laz": None}
+        best = {"mlx": None, "laz": None, "slow": None}
         for r in range(args.repeats):
-            m = run_mlx_lm(model_dir, data, args.batch, 1e-4, tmp / f"mlx{r}")
-            lz = run_lazarus(model_dir, data, args.batch, 1e-4, tmp / f"laz{r}{variable}")
-            print(f"  {'variable' if variable else 'equal'} repeat {r}: mlx-lm {m[1] / m[0]:.0f} tok/s, "
-                  f"lazarus {lz[1] / lz[0]:.0f} tok/s", flush=True)
-            if best["mlx"] is None or m[1] / m[0] > best["mlx"][1] / best["mlx"][0]:
-                best["mlx"] = m
-            if best["laz"] is None or lz[1] / lz[0] > best["laz"][1] / best["laz"][0]:
-                best["laz"] = lz
+            runs = {"mlx": run_mlx_lm(model_dir, data, args.batch, 1e-4, tmp / f"mlx{r}"),
+                    "laz": run_lazarus(model_dir, data, args.batch, 1e-4, tmp / f"laz{r}{variable}")}
+            if args.ablate:  # the same Lazarus run with MLX's own exp-based kernels
+                runs["slow"] = run_lazarus(model_dir, data, args.batch, 1e-4, tmp / f"slow{r}{variable}",
+                                           fast_cpu_kernels=False)
+            print(f"  {'variable' if variable else 'equal'} repeat {r}: "
+                  + ", ".join(f"{k} {v[1] / v[0]:.0f} tok/s" for k, v in runs.items()), flush=True)
+            for k, v in runs.items():
+                if best[k] is None or v[1] / v[0] > best[k][1] / best[k][0]:
+                    best[k] = v
         m, lz = best["mlx"], best["laz"]
         rows.append(("variable (10x spread)" if variable else "equal length", m, lz))
+        if args.ablate:
+            rows.append((f"{'variable' if variable else 'equal'}, fast_cpu_kernels: false", m, best["slow"]))
         if variable and args.grad_checkpoint:
             gc = run_lazarus(model_dir, data, args.batch, 1e-4, tmp / "gc", grad_checkpoint=True)
             rows.append(("variable, grad_checkpoint", lz, gc))

@@ -74,13 +74,27 @@ def fast_exp(x: mx.array) -> mx.array:
     return _fast_exp(x)
 
 
-@mx.compile
+def _sigmoid(x):
+    return 1.0 / (1.0 + fast_exp(-x))
+
+
+@mx.custom_function
 def _swiglu(gate, x):
-    # silu(gate) * x = gate * sigmoid(gate) * x
-    return gate * x / (1.0 + fast_exp(-gate))
+    return gate * _sigmoid(gate) * x  # silu(gate) * x
+
+
+@_swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    # Recompute sigmoid(gate) instead of keeping autodiff's intermediates alive until backward:
+    # one cheap exp buys several activation-sized arrays of peak memory.
+    gate, x = primals
+    s = _sigmoid(gate)
+    silu = gate * s
+    return cotangent * x * (s + silu * (1.0 - s)), cotangent * silu
 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """mlx-lm's ``swiglu`` (``silu(gate) * x``) on ``fast_exp``."""
     return _swiglu(gate, x)
 
 
