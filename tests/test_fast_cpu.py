@@ -75,6 +75,17 @@ def test_attention_matches_mx_fast_sdpa(heads, kv_heads, mask_kind):
     assert all(close(a, b, 1e-5) for a, b in zip(g, g_ref))
 
 
+def test_attention_in_bfloat16_keeps_dtype_and_matches():
+    keys = mx.random.split(mx.random.key(3), 3)
+    q, k, v = (mx.random.normal((1, 4, 8, 16), key=key).astype(mx.bfloat16) for key in keys)
+    out = F.attention(q, k, v, 0.25, "causal")
+    assert out.dtype == mx.bfloat16
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
+    assert close(out.astype(mx.float32), ref.astype(mx.float32), 2e-2)
+    grads = mx.grad(lambda *a: F.attention(*a, 0.25, "causal").astype(mx.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+    assert all(g.dtype == mx.bfloat16 for g in grads)
+
+
 def test_context_patches_only_inside_and_only_when_enabled(tiny):
     import mlx_lm.models.llama as llama
     from mlx_lm.models.base import scaled_dot_product_attention as original_sdpa

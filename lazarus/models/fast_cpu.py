@@ -141,6 +141,37 @@ def logsumexp(x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:
     return mx.expand_dims(out, axis) if keepdims else out
 
 
+def _sum_to_shape(g, shape):
+    """Sum ``g`` over the axes that were broadcast to reach its shape from ``shape``."""
+    axes = [i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1]
+    return g.sum(axis=axes, keepdims=True) if axes else g
+
+
+@mx.custom_function
+def _attention_core(q, k, v, bias):
+    """softmax(q @ k^T + bias) @ v over the last two axes; q is already scaled. Also returns the
+    probabilities, so that the backward pass below can use them without recomputing."""
+    probs = _softmax_last((q @ k.swapaxes(-1, -2)).astype(mx.float32) + bias)  # softmax in float32
+    return probs.astype(v.dtype) @ v, probs
+
+
+@_attention_core.vjp
+def _attention_core_vjp(primals, cotangents, outputs):
+    # The textbook attention backward: four matmuls and one pass over the probabilities, with
+    # sum_j dP_ij P_ij computed as the cheaper sum_d dO_id O_id. Masked entries have P = 0, so
+    # the mask needs no backward of its own (and gets no gradient).
+    q, k, v, bias = primals
+    d_out = cotangents[0]
+    out, probs = outputs
+    d_v = probs.astype(v.dtype).swapaxes(-1, -2) @ d_out
+    d_dot = (d_out * out).astype(mx.float32).sum(axis=-1, keepdims=True)
+    d_scores = (probs * ((d_out @ v.swapaxes(-1, -2)).astype(mx.float32) - d_dot)).astype(q.dtype)
+    d_q = d_scores @ k
+    d_k = d_scores.swapaxes(-1, -2) @ q
+    return (d_q.astype(q.dtype), _sum_to_shape(d_k, k.shape).astype(k.dtype),
+            _sum_to_shape(d_v, v.shape).astype(v.dtype), mx.zeros_like(bias))
+
+
 def attention(queries, keys, values, scale: float, mask=None) -> mx.array:
     """Multi-head attention with ``softmax`` above. Shapes as ``mx.fast.scaled_dot_product_attention``:
     queries ``(B, Hq, L, D)``, keys/values ``(B, Hkv, S, D)`` with ``Hq`` a multiple of ``Hkv``;
@@ -154,20 +185,21 @@ def attention(queries, keys, values, scale: float, mask=None) -> mx.array:
     else:  # grouped-query attention: each key/value head serves `rep` query heads
         q = (queries * scale).reshape(B, Hkv, rep, L, D)
         k, v = keys[:, :, None], values[:, :, None]
-    scores = (q @ k.swapaxes(-1, -2)).astype(mx.float32)  # (B, Hkv[, rep], L, S)
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"unsupported attention mask {mask!r}")
         allowed = mx.arange(L)[:, None] + (S - L) >= mx.arange(S)[None]
-        scores = mx.where(allowed, scores, -mx.inf)
-    elif mask is not None:
+        bias = mx.where(allowed, 0.0, -mx.inf)
+    elif mask is None:
+        bias = mx.zeros((1, 1))
+    else:
         while mask.ndim < 4:  # broadcastable to (B, Hq, L, S), as for mx.fast.scaled_dot_product_attention
             mask = mask[None]
         if rep > 1:  # split the head axis like the queries
             mask = mask.reshape(mask.shape[0], -1, rep if mask.shape[1] == Hq else 1, *mask.shape[2:])
-        scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask
-    probs = softmax(scores).astype(values.dtype)
-    return (probs @ v).reshape(B, Hq, L, D)
+        bias = mx.where(mask, 0.0, -mx.inf) if mask.dtype == mx.bool_ else mask.astype(mx.float32)
+    out, _ = _attention_core(q, k, v, bias)
+    return out.reshape(B, Hq, L, D)
 
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
