@@ -58,13 +58,13 @@ def matmul_peak_gflops() -> float:
     return 10 * 2 * 1024 ** 3 / (time.perf_counter() - t) / 1e9
 
 
-def run_lazarus(model_dir, data_file, batch, lr, ckdir, grad_checkpoint=False, fast_cpu_kernels=True):
+def run_lazarus(model_dir, data_file, batch, lr, ckdir, grad_checkpoint=False, fast_cpu_kernels=True, cpu_streams=None):
     mx.random.seed(0)
     model, tok = load_model(model_dir, use_lora=True, lora_rank=8)
     ds = SFTDataset(data_file, tok)
     cfg = SFTConfig(num_epochs=1, batch_size=batch, learning_rate=lr, warmup_steps=0, max_grad_norm=None,
                     checkpoint_interval=None, checkpoint_dir=str(ckdir), log_interval=10 ** 6,
-                    grad_checkpoint=grad_checkpoint, fast_cpu_kernels=fast_cpu_kernels)
+                    grad_checkpoint=grad_checkpoint, fast_cpu_kernels=fast_cpu_kernels, cpu_streams=cpu_streams)
     trainer = SFTTrainer(model, tok, cfg, callbacks=[Checkpoint(ckdir, interval=None, save_best=False)])
     trainer.make_optimizer = lambda: optim.Adam(learning_rate=lr)
     mx.reset_peak_memory()
@@ -107,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--grad-checkpoint", action="store_true", help="also measure grad_checkpoint: true")
-    ap.add_argument("--ablate", action="store_true", help="also run Lazarus with fast_cpu_kernels: false")
+    ap.add_argument("--ablate", action="store_true", help="also run Lazarus with fast_cpu_kernels: false, and with cpu_streams: 2 (variable data)")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp())
     model_dir = create_tiny_model(tmp / "model", hidden_size=args.hidden, num_layers=args.layers,
@@ -122,13 +122,15 @@ def main(argv=None):
     rows = []
     for variable in (True, False):
         data = make_data(tmp / f"data_{variable}.jsonl", args.examples, variable)
-        best = {"mlx": None, "laz": None, "slow": None}
+        best = {"mlx": None, "laz": None, "slow": None, "two": None}
         for r in range(args.repeats):
             runs = {"mlx": run_mlx_lm(model_dir, data, args.batch, 1e-4, tmp / f"mlx{r}"),
                     "laz": run_lazarus(model_dir, data, args.batch, 1e-4, tmp / f"laz{r}{variable}")}
-            if args.ablate:  # the same Lazarus run with MLX's own exp-based kernels
+            if args.ablate and variable:  # the same Lazarus run without each CPU feature
                 runs["slow"] = run_lazarus(model_dir, data, args.batch, 1e-4, tmp / f"slow{r}{variable}",
                                            fast_cpu_kernels=False)
+                runs["two"] = run_lazarus(model_dir, data, args.batch, 1e-4, tmp / f"two{r}{variable}",
+                                          cpu_streams=2)
             print(f"  {'variable' if variable else 'equal'} repeat {r}: "
                   + ", ".join(f"{k} {v[1] / v[0]:.0f} tok/s" for k, v in runs.items()), flush=True)
             for k, v in runs.items():
@@ -136,8 +138,9 @@ def main(argv=None):
                     best[k] = v
         m, lz = best["mlx"], best["laz"]
         rows.append(("variable (10x spread)" if variable else "equal length", m, lz))
-        if args.ablate:
-            rows.append((f"{'variable' if variable else 'equal'}, fast_cpu_kernels: false", m, best["slow"]))
+        if args.ablate and variable:
+            rows.append(("variable, fast_cpu_kernels: false", m, best["slow"]))
+            rows.append(("variable, cpu_streams: 2 (auto uses 1 for a run this short)", m, best["two"]))
         if variable and args.grad_checkpoint:
             gc = run_lazarus(model_dir, data, args.batch, 1e-4, tmp / "gc", grad_checkpoint=True)
             rows.append(("variable, grad_checkpoint", lz, gc))

@@ -41,16 +41,43 @@ def _candidates() -> list[str]:
     return names
 
 
+_lib = None  # the loaded library's handle
+
+
 def _try_load(name: str) -> bool:
-    global loaded
+    global loaded, _lib
     try:
         lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
     except OSError:
         return False
     if not hasattr(lib, "cblas_sgemm"):
         return False
-    loaded = name
+    loaded, _lib = name, lib
     return True
+
+
+def get_threads() -> int | None:
+    """Threads the loaded BLAS uses per matmul (None when no library of ours is loaded)."""
+    if _lib is not None and hasattr(_lib, "openblas_get_num_threads"):
+        return int(_lib.openblas_get_num_threads())
+    if _lib is not None and hasattr(_lib, "MKL_Get_Max_Threads"):
+        return int(_lib.MKL_Get_Max_Threads())
+    return None
+
+
+def set_threads(n: int) -> int | None:
+    """Set the loaded BLAS's threads per matmul; returns the previous count (None: not possible).
+
+    The Loop uses this when it runs several CPU streams at once: one BLAS thread per stream
+    keeps the cores busy without oversubscribing them."""
+    previous = get_threads()
+    if previous is None:
+        return None
+    if hasattr(_lib, "openblas_set_num_threads"):
+        _lib.openblas_set_num_threads(ctypes.c_int(int(n)))
+    elif hasattr(_lib, "MKL_Set_Num_Threads"):
+        _lib.MKL_Set_Num_Threads(ctypes.c_int(int(n)))
+    return previous
 
 
 def enable() -> str | None:

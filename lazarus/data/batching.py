@@ -83,6 +83,17 @@ class DataLoader:
     def get_batch(self, epoch: int, i: int) -> dict:
         return self.collate_fn(self.batch_indices(epoch, i), pad_multiple=self.pad_multiple)
 
+    def get_batch_shards(self, epoch: int, i: int, shards: int) -> list[dict]:
+        """This rank's share of batch ``i`` as up to ``shards`` contiguous parts (the Loop computes
+        them concurrently on separate CPU streams). Every part is padded to the width of the
+        whole batch, so the compiled step sees no more distinct shapes than without parts."""
+        idx = self.batch_indices(epoch, i)
+        parts = np.array_split(np.asarray(idx), min(max(1, shards), len(idx)))
+        width = self.pad_multiple
+        if self._lengths is not None:
+            width = -(-int(self._lengths[idx].max()) // self.pad_multiple) * self.pad_multiple
+        return [self.collate_fn([int(x) for x in part], pad_multiple=width) for part in parts]
+
     def padding_fraction(self, epoch: int = 0) -> float:
         """Share of padded positions in this epoch's batches (lower is better)."""
         if self._lengths is None:

@@ -56,6 +56,8 @@ class TrainerConfig(BaseModel):
     max_length: int | None = Field(None, ge=2, description="Token limit when the trainer builds datasets from paths")
     compile: bool = Field(True, description="mx.compile the training step")
     grad_checkpoint: bool = Field(False, description="Recompute block activations in backward (less memory)")
+    cpu_streams: int | None = Field(None, ge=1, description="On MLX's CPU backend, split each batch into this many "
+                                    "parts computed concurrently on CPU streams (None: 2 with >= 2 cores per rank)")
     fast_cpu_kernels: bool = Field(True, description="On MLX's CPU backend, compute exp-heavy layers (SwiGLU, "
                                    "attention softmax, log-softmax) with a vectorised exp; no effect on GPU")
 
@@ -146,7 +148,7 @@ class Trainer:
                     eval_data=eval_loader, eval_loss=getattr(self, "eval_loss", None), callbacks=self.callbacks,
                     max_steps=c.max_steps, num_epochs=c.num_epochs, grad_accumulation_steps=c.grad_accumulation_steps,
                     log_interval=c.log_interval, eval_interval=c.eval_interval, seed=c.seed, trainer=self,
-                    config=c, compile=c.compile, **kwargs)
+                    config=c, compile=c.compile, cpu_streams=c.cpu_streams, **kwargs)
 
     def train(self, dataset, eval_dataset=None, resume_from: str | os.PathLike | None = None) -> TrainResult:
         """Train on ``dataset`` (a dataset object or a JSONL path); returns a TrainResult with
