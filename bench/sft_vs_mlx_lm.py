@@ -107,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--grad-checkpoint", action="store_true", help="also measure grad_checkpoint: true")
-    ap.add_argument("--ablate", action="store_true", help="also run Lazarus with fast_cpu_kernels: false, and with cpu_streams: 2 (variable data)")
+    ap.add_argument("--ablate", action="store_true", help="also run Lazarus with fast_cpu_kernels: false, and with cpu_streams: 1 (variable data)")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp())
     model_dir = create_tiny_model(tmp / "model", hidden_size=args.hidden, num_layers=args.layers,
@@ -122,15 +122,15 @@ def main(argv=None):
     rows = []
     for variable in (True, False):
         data = make_data(tmp / f"data_{variable}.jsonl", args.examples, variable)
-        best = {"mlx": None, "laz": None, "slow": None, "two": None}
+        best = {"mlx": None, "laz": None, "slow": None, "one": None}
         for r in range(args.repeats):
             runs = {"mlx": run_mlx_lm(model_dir, data, args.batch, 1e-4, tmp / f"mlx{r}"),
                     "laz": run_lazarus(model_dir, data, args.batch, 1e-4, tmp / f"laz{r}{variable}")}
             if args.ablate and variable:  # the same Lazarus run without each CPU feature
                 runs["slow"] = run_lazarus(model_dir, data, args.batch, 1e-4, tmp / f"slow{r}{variable}",
                                            fast_cpu_kernels=False)
-                runs["two"] = run_lazarus(model_dir, data, args.batch, 1e-4, tmp / f"two{r}{variable}",
-                                          cpu_streams=2)
+                runs["one"] = run_lazarus(model_dir, data, args.batch, 1e-4, tmp / f"one{r}{variable}",
+                                          cpu_streams=1)
             print(f"  {'variable' if variable else 'equal'} repeat {r}: "
                   + ", ".join(f"{k} {v[1] / v[0]:.0f} tok/s" for k, v in runs.items()), flush=True)
             for k, v in runs.items():
@@ -140,7 +140,7 @@ def main(argv=None):
         rows.append(("variable (10x spread)" if variable else "equal length", m, lz))
         if args.ablate and variable:
             rows.append(("variable, fast_cpu_kernels: false", m, best["slow"]))
-            rows.append(("variable, cpu_streams: 2 (auto uses 1 for a run this short)", m, best["two"]))
+            rows.append(("variable, cpu_streams: 1", m, best["one"]))
         if variable and args.grad_checkpoint:
             gc = run_lazarus(model_dir, data, args.batch, 1e-4, tmp / "gc", grad_checkpoint=True)
             rows.append(("variable, grad_checkpoint", lz, gc))

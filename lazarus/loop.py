@@ -158,9 +158,8 @@ class Loop:
             train_data.set_distributed(self.rank, self.world_size)
         if eval_data is not None and hasattr(eval_data, "set_distributed"):
             eval_data.set_distributed(self.rank, self.world_size)
-        self._requested_streams = cpu_streams
-        self.cpu_streams = self._resolve_cpu_streams(cpu_streams, planned_steps=None)
-        self._streams: list = []
+        self.cpu_streams = self._resolve_cpu_streams(cpu_streams)
+        self._streams = [mx.new_stream(mx.cpu) for _ in range(self.cpu_streams)] if self.cpu_streams > 1 else []
         self.state = State(model=model, optimizer=optimizer, trainer=trainer, config=config,
                            max_steps=max_steps, num_epochs=num_epochs, rank=self.rank,
                            world_size=self.world_size)
@@ -176,18 +175,14 @@ class Loop:
         self._padding: tuple[int | None, float] = (None, 0.0)
         self.checkpoint_dir: str | None = None
 
-    #: Auto mode splits batches only for runs at least this long: every new batch shape is traced
-    #: and compiled for all streams at once, which costs more than the ~10% per step it saves
-    #: on short runs (measured on the SFT benchmark, hidden 512).
-    AUTO_STREAMS_MIN_STEPS = 100
-
-    def _resolve_cpu_streams(self, requested: int | None, planned_steps: int | None) -> int:
+    def _resolve_cpu_streams(self, requested: int | None) -> int:
         """How many parts each training batch is split into, computed concurrently on CPU streams.
 
         MLX runs each stream's element-wise work on one thread; two streams use two cores for
         it (matmuls then get one BLAS thread per stream). Auto (None): 2 on the CPU backend when
-        this rank has at least 2 cores and the run plans ``AUTO_STREAMS_MIN_STEPS`` steps or more,
-        else 1. Online RL batches come from rollouts: always 1."""
+        this rank has at least 2 cores, else 1. Online RL batches come from rollouts: always 1.
+        Costs: each new batch shape traces the step for both parts, and both parts' activations
+        are alive at once (more peak memory); ``cpu_streams: 1`` turns it off."""
         if requested is not None and requested < 1:
             raise ValueError(f"cpu_streams must be >= 1, got {requested}")
         if (self.rollout is not None or mx.default_device() != mx.cpu
@@ -195,8 +190,7 @@ class Loop:
             return 1
         if requested is not None:
             return requested
-        long_run = planned_steps is not None and planned_steps >= self.AUTO_STREAMS_MIN_STEPS
-        return 2 if long_run and (os.cpu_count() or 1) // self.world_size >= 2 else 1
+        return 2 if (os.cpu_count() or 1) // self.world_size >= 2 else 1
 
     # ------------------------------------------------------------------ events
     def emit(self, event: str) -> None:
@@ -466,8 +460,6 @@ class Loop:
             mx.random.seed(self.seed)
             np.random.seed(self.seed)
             random.seed(self.seed)
-        self.cpu_streams = self._resolve_cpu_streams(self._requested_streams, st.planned_steps)
-        self._streams = [mx.new_stream(mx.cpu) for _ in range(self.cpu_streams)] if self.cpu_streams > 1 else []
         self._build_steps()
         old_handlers = self._install_signal_handlers()
         watchdog = self._start_watchdog()
