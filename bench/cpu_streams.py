@@ -6,6 +6,7 @@ batch shape is traced and compiled, which costs more with two streams) and the l
 (steady state: every shape already compiled) separately. Runs alternate; best of `--repeats`.
 
     .venv/bin/python bench/cpu_streams.py [--examples 96 --epochs 3 --repeats 2]
+    .venv/bin/python bench/cpu_streams.py --memory   # one epoch each: cpu_streams 1/2 x grad_checkpoint off/on
 """
 
 import argparse
@@ -58,11 +59,21 @@ def main(argv=None):
     ap.add_argument("--examples", type=int, default=96)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--memory", action="store_true", help="peak memory of cpu_streams 1/2 with and without grad_checkpoint")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp())
     model_dir = create_tiny_model(tmp / "model", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
                                   intermediate_size=1024, extra_texts=[" ".join(sft.WORDS)] * 200)
     data = sft.make_data(tmp / "data.jsonl", args.examples, variable=True)
+    if args.memory:
+        print("| one epoch, variable data | target tok/s | peak memory GB |\n|---|---|---|")
+        for streams in (1, 2):
+            for gc in (False, True):
+                dt, targets, peak, _ = sft.run_lazarus(model_dir, data, 8, 1e-4, tmp / f"m{streams}{gc}",
+                                                       grad_checkpoint=gc, cpu_streams=streams)
+                print(f"| cpu_streams {streams}, grad_checkpoint {str(gc).lower()} | {targets / dt:.0f} | {peak:.3f} |",
+                      flush=True)
+        return
     best = {1: (0.0, 0.0), 2: (0.0, 0.0)}
     for r in range(args.repeats):
         for streams in (1, 2):
