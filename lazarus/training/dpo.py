@@ -104,9 +104,11 @@ class DPOTrainer(Trainer):
         out = np.zeros((2, len(dataset)), dtype=np.float32)
         # no gradients here, so larger batches than training are cheap and faster
         loader = DataLoader(dataset, 4 * self.config.batch_size, shuffle=False, bucket=True)
-        fn = lambda b: sequence_logps(model_for_ref, b)  # noqa: E731
         use_lora_ref = ref is None and lora_settings(self.model) is not None
         model_for_ref = ref if ref is not None else self.model
+        fn = lambda b: sequence_logps(model_for_ref, b)  # noqa: E731
+        if self.config.compile:  # one fused graph per batch shape: ~2-3x faster than op by op on CPU
+            fn = mx.compile(fn, inputs=[model_for_ref.state])
         was_training = model_for_ref.training
         model_for_ref.eval()
         try:
