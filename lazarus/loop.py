@@ -92,6 +92,9 @@ class Loop:
         rollout: optional ``rollout(state, prompt_batch) -> list[batch]``; each returned batch
             is one optimizer step (online RL).
         eval_data: optional loader like ``train_data``; ``eval_loss`` defaults to compute_loss.
+        cpu_streams: on the CPU backend, split each training batch into this many shards
+            (``train_data.get_batch_shards``) computed concurrently on CPU streams; None = auto
+            (2 when this rank has >= 2 cores). See ``_resolve_cpu_streams``.
     """
 
     def __init__(

@@ -36,7 +36,7 @@ class State:
     history: list[dict[str, float]] = field(default_factory=list)
     lr: float = 0.0
     grads: Any = None  # only at before_optimizer_step
-    batch: Any = None  # the batch of the current step (rollout batch for RL)
+    batch: Any = None  # the batch of the current step (rollout batch for RL; first shard with cpu_streams > 1)
     rank: int = 0
     world_size: int = 1
     # Requests (carried out by the Loop)
