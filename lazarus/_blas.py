@@ -14,6 +14,7 @@ If none is found we warn once with the command that fixes it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import glob
@@ -78,6 +79,18 @@ def set_threads(n: int) -> int | None:
     elif hasattr(_lib, "MKL_Set_Num_Threads"):
         _lib.MKL_Set_Num_Threads(ctypes.c_int(int(n)))
     return previous
+
+
+@contextlib.contextmanager
+def threads_for_streams(streams: int, world_size: int = 1):
+    """While ``streams`` CPU streams run matmuls side by side, give each an equal share of the
+    cores (one BLAS thread each on 2 cores) instead of letting every stream spawn a full set."""
+    previous = set_threads(max(1, (os.cpu_count() or 1) // (world_size * streams))) if streams > 1 else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            set_threads(previous)
 
 
 def enable() -> str | None:

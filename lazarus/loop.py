@@ -162,7 +162,8 @@ class Loop:
         if eval_data is not None and hasattr(eval_data, "set_distributed"):
             eval_data.set_distributed(self.rank, self.world_size)
         self.cpu_streams = self._resolve_cpu_streams(cpu_streams)
-        self._streams = [mx.new_stream(mx.cpu) for _ in range(self.cpu_streams)] if self.cpu_streams > 1 else []
+        #: the CPU streams that batch shards run on (empty with one stream); trainers may reuse them
+        self.streams = [mx.new_stream(mx.cpu) for _ in range(self.cpu_streams)] if self.cpu_streams > 1 else []
         self.state = State(model=model, optimizer=optimizer, trainer=trainer, config=config,
                            max_steps=max_steps, num_epochs=num_epochs, rank=self.rank,
                            world_size=self.world_size)
@@ -225,7 +226,7 @@ class Loop:
         model, optimizer = self.model, self.optimizer
         value_and_grad = nn.value_and_grad(model, self.compute_loss)
         distributed = self.group is not None
-        streams = self._streams
+        streams = self.streams
 
         def weighted_sums(shards):
             """Sum over the shards of (loss, metrics, grads) times each shard's loss_weight, and
@@ -297,10 +298,8 @@ class Loop:
         """``micro``: the step's micro-batches, each a list of shards (one, or one per CPU stream)."""
         st = self.state
         arrays = [[array_part(b) for b in shards] for shards in micro]
-        blas_threads = None
-        if any(len(shards) > 1 for shards in arrays):  # one BLAS thread per busy stream
-            blas_threads = _blas.set_threads(max(1, (os.cpu_count() or 1) // (self.world_size * len(self._streams))))
-        try:
+        busy_streams = len(self.streams) if any(len(shards) > 1 for shards in arrays) else 1
+        with _blas.threads_for_streams(busy_streams, self.world_size):
             rollback = None
             if any(getattr(cb, "may_skip_steps", False) for cb in self.callbacks):
                 rollback = (tree_flatten(self.model.trainable_parameters()), tree_flatten(self.optimizer.state))
@@ -334,9 +333,6 @@ class Loop:
                 if st.skip_reason is None:
                     metrics.update(self._steps["apply"](grads))
             mx.eval(loss, metrics, self.model.state, self.optimizer.state)
-        finally:
-            if blas_threads is not None:
-                _blas.set_threads(blas_threads)
         values = {"loss": loss.item()}
         values.update({k: v.item() for k, v in metrics.items()})
         st.lr = float(self.optimizer.learning_rate.item()) if "learning_rate" in self.optimizer.state else 0.0

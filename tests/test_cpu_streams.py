@@ -62,15 +62,18 @@ def test_two_streams_train_like_one(tiny_dir, examples, tmp_path, accumulation):
 
 
 def test_dpo_pairs_stay_together_across_streams(tiny_dir, examples, tmp_path):
-    losses = {}
+    losses, caches = {}, {}
     for streams in (1, 2):
         mx.random.seed(0)
         policy, tok = load_model(tiny_dir, use_lora=True, lora_rank=4)
         cfg = DPOTrainerConfig(max_steps=4, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_interval=1,
                                checkpoint_interval=None, checkpoint_dir=str(tmp_path / str(streams)),
                                target_reward_margin=None, cpu_streams=streams)
-        history = DPOTrainer(policy, None, tok, cfg).train(examples / "preferences.jsonl").history
+        trainer = DPOTrainer(policy, None, tok, cfg)
+        history = trainer.train(examples / "preferences.jsonl").history
         losses[streams] = [h["loss"] for h in history if "loss" in h]
+        caches[streams] = trainer.ref_cache["train"]
+    np.testing.assert_allclose(caches[2], caches[1], rtol=1e-5)  # the reference pass, split across streams
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-4)
 
 
