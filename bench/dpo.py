@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _mlx_lm_lora  # bench/ is on sys.path when a script here runs
 import lazarus  # noqa: F401
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -91,17 +92,6 @@ def run(cls, model_dir, data, steps, tmp):
     return steps / total, steps / (total - cache_seconds[0])
 
 
-def import_mlx_lm_lora():
-    """mlx_lm_lora's DPO trainer module, or None (with a printed note) when it is not importable."""
-    try:
-        from mlx_lm_lora.trainer import dpo_trainer
-        return dpo_trainer
-    except Exception as e:  # noqa: BLE001 - missing, or incompatible with the installed mlx-lm
-        print(f"mlx_lm_lora: column skipped ({type(e).__name__}: {e}); "
-              f'`pip install -e ".[bench]"` adds it.', flush=True)
-        return None
-
-
 @contextlib.contextmanager
 def wired_limit_shim():
     """train_dpo calls mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"]),
@@ -161,7 +151,7 @@ def main(argv=None):
              "rejected": " ".join(rng.choice(words) for _ in range(rng.randint(8, 40)))} for i in range(8 * max(1, args.steps // args.epochs))]
     data = tmp / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dpo_trainer = import_mlx_lm_lora()
+    dpo_trainer = _mlx_lm_lora.trainer_module("dpo_trainer")
     best = {"cached": 0.0, "steady": 0.0, "recompute": 0.0, "mlx_lm_lora": 0.0}
     for r in range(args.repeats):
         rc, _ = run(RecomputeReferenceDPO, model_dir, data, args.steps, tmp / f"r{r}")

@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _mlx_lm_lora  # bench/ is on sys.path when a script here runs
 import lazarus  # noqa: F401
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -82,17 +83,6 @@ def exact_answer(prompts, completions, **columns):
     return [float(x.strip() == str(a)) for x, a in zip(completions, columns["answer"])]
 
 
-def import_mlx_lm_lora():
-    """mlx_lm_lora's GRPO trainer module, or None (with a printed note) when it is not importable."""
-    try:
-        from mlx_lm_lora.trainer import grpo_trainer
-        return grpo_trainer
-    except Exception as e:  # noqa: BLE001 - missing, or incompatible with the installed mlx-lm
-        print(f"mlx_lm_lora: column skipped ({type(e).__name__}: {e}); "
-              f'`pip install -e ".[bench]"` adds it.', flush=True)
-        return None
-
-
 def lora_generate(grpo_trainer, model, tok, unique_prompts, group, max_tokens):
     """mlx_lm_lora's rollout sampler: ``group`` completions of each prompt. ``batch_size`` is its
     prompts per chunk and also its decode concurrency; len(prompts) * group puts every completion
@@ -143,7 +133,7 @@ def main(argv=None):
     n0, t0 = timed(lambda: no_cache(model, tok, prompts[:8], args.max_tokens))
     rows = [("Lazarus batched KV cache", nb / tb), ("one sequence at a time, KV cache", n1 / t1),
             ("token at a time, no cache (8 rows)", n0 / t0)]
-    grpo_trainer = import_mlx_lm_lora()
+    grpo_trainer = _mlx_lm_lora.trainer_module("grpo_trainer")
     if grpo_trainer is not None:
         unique = [e.ids for e in ds.examples[:8]]
         mx.random.seed(0)

@@ -251,29 +251,20 @@ class Loop:
             return loss, metrics, grads, w
 
         def fused(shards):
-            if len(shards) == 1:
-                batch = shards[0]
-                (loss, metrics), grads = value_and_grad(model, batch)
-                if distributed:
-                    w = batch.get("loss_weight", mx.array(1.0))
-                    total = self._all_sum(w)
-                    grads = tree_map(lambda g: self._all_sum(g * w) / total, grads)
-                    loss = self._all_sum(loss * w) / total
-                    metrics = {k: self._all_sum(v * w) / total for k, v in metrics.items()}
-            else:
+            if len(shards) == 1 and not distributed:
+                (loss, metrics), grads = value_and_grad(model, shards[0])
+            else:  # the loss_weight-weighted mean over the shards and ranks
                 loss, metrics, grads, w = weighted_sums(shards)
-                join = metrics.pop(_JOIN)
+                join = metrics.pop(_JOIN, None)
                 total = self._all_sum(w)
                 grads = tree_map(lambda g: self._all_sum(g) / total, grads)
                 loss = self._all_sum(loss) / total
                 metrics = {k: self._all_sum(v) / total for k, v in metrics.items()}
-                metrics[_JOIN] = join
+                if join is not None:
+                    metrics[_JOIN] = join
             grads, extra = self._grad_transforms(grads)
             optimizer.update(model, grads)
             return loss, {**metrics, **extra}
-
-        def grad_only(shards):
-            return weighted_sums(shards)
 
         def apply(grads):
             grads, extra = self._grad_transforms(grads)
@@ -286,7 +277,7 @@ class Loop:
 
         self._steps = {
             "fused": self._maybe_compile(fused),
-            "grad": self._maybe_compile(grad_only),
+            "grad": self._maybe_compile(weighted_sums),
             "apply": self._maybe_compile(apply),
             # the weights change between evaluations: they are inputs, not constants baked in at trace time
             "eval": mx.compile(evaluate, inputs=[self.model.state]) if self.use_compile else evaluate,

@@ -27,7 +27,7 @@ def test_shards_cover_the_batch_once_with_its_width(tiny, examples):
     assert len(DataLoader(ds, batch_size=1).get_batch_shards(0, 0, 2)) == 1  # never an empty shard
 
 
-class SeenShards(Callback):
+class BlasThreadsAtStepEnd(Callback):
     def __init__(self):
         self.threads = []
 
@@ -41,7 +41,7 @@ def _sft(tiny_dir, examples, tmp_path, streams, accumulation=1):
     cfg = SFTConfig(max_steps=6, batch_size=8, learning_rate=1e-3, warmup_steps=0, log_interval=1,
                     grad_accumulation_steps=accumulation, checkpoint_interval=None,
                     checkpoint_dir=str(tmp_path / f"s{streams}a{accumulation}"), cpu_streams=streams)
-    probe = SeenShards()
+    probe = BlasThreadsAtStepEnd()
     trainer = SFTTrainer(model, tok, cfg, callbacks=[probe])
     result = trainer.train(examples / "sft_train.jsonl")
     assert trainer.loop.cpu_streams == streams
@@ -77,8 +77,15 @@ def test_dpo_pairs_stay_together_across_streams(tiny_dir, examples, tmp_path):
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-4)
 
 
-def test_cpu_streams_is_validated(tiny_dir):
+def test_cpu_streams_is_validated(tiny, examples):
+    import mlx.optimizers as optim
     import pydantic
+
+    from lazarus import Loop
 
     with pytest.raises(pydantic.ValidationError, match="cpu_streams"):
         SFTConfig(cpu_streams=0)
+    model, tok = tiny
+    loader = DataLoader(SFTDataset(examples / "sft_train.jsonl", tok), batch_size=4)
+    with pytest.raises(ValueError, match="cpu_streams must be >= 1, got 0"):
+        Loop(model, optim.SGD(learning_rate=0.1), lambda m, b: (mx.array(0.0), {}), loader, cpu_streams=0)

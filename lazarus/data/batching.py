@@ -89,10 +89,12 @@ class DataLoader:
         whole batch, so the compiled step sees no more distinct shapes than without parts."""
         idx = self.batch_indices(epoch, i)
         parts = np.array_split(np.asarray(idx), min(max(1, shards), len(idx)))
-        width = self.pad_multiple
-        if self._lengths is not None:
-            width = -(-int(self._lengths[idx].max()) // self.pad_multiple) * self.pad_multiple
+        width = self._padded_width(idx) if self._lengths is not None else self.pad_multiple
         return [self.collate_fn([int(x) for x in part], pad_multiple=width) for part in parts]
+
+    def _padded_width(self, indices) -> int:
+        """A batch width for these examples: the longest of their lengths(), rounded up to pad_multiple."""
+        return -(-int(self._lengths[indices].max()) // self.pad_multiple) * self.pad_multiple
 
     def padding_fraction(self, epoch: int = 0) -> float:
         """Share of padded positions in this epoch's batches (lower is better)."""
@@ -101,7 +103,7 @@ class DataLoader:
         pad = total = 0
         for b in self.epoch_batches(epoch):
             lens = self._lengths[b]
-            width = -(-int(lens.max()) // self.pad_multiple) * self.pad_multiple
+            width = self._padded_width(b)
             total += width * len(b)
             pad += width * len(b) - int(lens.sum())
         return pad / total if total else 0.0
