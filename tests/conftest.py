@@ -4,6 +4,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "LAZARUS_CACHE_DIR" not in os.environ:  # autotune verdicts: measured once per test session, not read from ~
+    import tempfile
+
+    os.environ["LAZARUS_CACHE_DIR"] = tempfile.mkdtemp(prefix="lazarus-cache-")
 
 import lazarus  # noqa: E402,F401  (BLAS fast path before mlx.core)
 import pytest  # noqa: E402

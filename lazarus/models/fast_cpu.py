@@ -13,7 +13,9 @@ faster on this machine and within 4e-6 relative error of ``mx.exp`` (float32 rou
 ``fast_cpu_kernels(model)`` swaps mlx-lm's ``swiglu`` and ``scaled_dot_product_attention`` in
 the modules that define the model's layers for the versions below, for the duration of a
 ``with`` block, and only when MLX's default device is the CPU (GPU kernels are already fast).
-Trainers wrap ``train()`` in it (``fast_cpu_kernels: true`` in the config, the default).
+Trainers wrap ``train()`` in it. ``fast_cpu_kernels: auto`` (the default) uses them only where
+a training step of a small llama is measurably faster with them on this machine
+(:func:`kernels_pay_off`, measured once per CPU/MLX/BLAS and cached; see :mod:`lazarus.autotune`).
 """
 
 from __future__ import annotations
@@ -238,13 +240,57 @@ def log_normalizer(logits: mx.array, keepdims: bool = False) -> mx.array:
     return mx.logsumexp(logits, axis=-1, keepdims=keepdims)
 
 
+def _time_small_llama_step() -> tuple[float, float]:
+    """Seconds per training step (forward + backward, compiled) of a small random llama with
+    the kernels on and off: the measurement behind ``fast_cpu_kernels: auto``."""
+    from lazarus import autotune
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=256, num_hidden_layers=2, intermediate_size=704,
+                           num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, vocab_size=1024)
+    model = llama.Model(args)
+    key = mx.random.key(0)
+    x = mx.random.randint(0, args.vocab_size, (8, 129), key=key)
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    params = model.trainable_parameters()
+
+    def loss(p, inputs, targets):
+        model.update(p)
+        logits = model(inputs).astype(mx.float32)
+        picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return (log_normalizer(logits) - picked).mean()
+
+    with fast_cpu_kernels(model, True):
+        fast = mx.compile(mx.value_and_grad(loss))
+        mx.eval(fast(params, inputs, targets))  # traced with the kernels in place
+    plain = mx.compile(mx.value_and_grad(loss))
+    return autotune.best_of_alternating(lambda: mx.eval(fast(params, inputs, targets)),
+                                        lambda: mx.eval(plain(params, inputs, targets)))
+
+
+def kernels_pay_off() -> bool:
+    """Whether the kernels make a training step faster on this machine (measured once, cached)."""
+    from lazarus import autotune
+
+    return autotune.decide("fast_cpu_kernels", _time_small_llama_step)
+
+
+def resolve(setting: bool | str) -> bool:
+    """The config's ``fast_cpu_kernels`` (True, False or "auto") as a decision for this run."""
+    if setting == "auto":
+        return cpu_backend() and kernels_pay_off()
+    return bool(setting)
+
+
 @contextlib.contextmanager
-def fast_cpu_kernels(model, enabled: bool = True):
+def fast_cpu_kernels(model, enabled: bool | str = True):
     """Within the block, the mlx-lm modules behind ``model``'s layers use the functions above, and
     so does ``log_normalizer`` (only on the CPU backend). Restores the originals on exit, so other
-    models and later code are untouched. Yields whether the kernels are in use."""
+    models and later code are untouched. ``enabled="auto"`` asks :func:`kernels_pay_off`.
+    Yields whether the kernels are in use."""
     global _active
-    if not enabled or not cpu_backend():
+    if not cpu_backend() or not resolve(enabled):
         yield False
         return
     saved = []

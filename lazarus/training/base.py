@@ -58,8 +58,10 @@ class TrainerConfig(BaseModel):
     grad_checkpoint: bool = Field(False, description="Recompute block activations in backward (less memory)")
     cpu_streams: int | None = Field(None, ge=1, description="On MLX's CPU backend, split each batch into this many "
                                     "parts computed concurrently on CPU streams (None: 2 with >= 2 cores per rank)")
-    fast_cpu_kernels: bool = Field(True, description="On MLX's CPU backend, compute exp-heavy layers (SwiGLU, "
-                                   "attention softmax, log-softmax) with a vectorised exp; no effect on GPU")
+    fast_cpu_kernels: bool | Literal["auto"] = Field(
+        "auto", description="On MLX's CPU backend, compute exp-heavy layers (SwiGLU, attention softmax, "
+                            "log-softmax) with a vectorised exp; auto: only where it measured faster on this "
+                            "machine (once, cached); no effect on GPU")
 
 
 class Trainer:
