@@ -432,7 +432,7 @@ def cmd_train(args) -> int:
         _path_value(run, key)
     callbacks = build_callbacks(run, output)
     adapter_path = _path_value(run, "adapter_path")
-    model, tok = load_model(_path_value(run, "model"), adapter_path=adapter_path, **lk)
+    model, tok = load_model(_path_value(run, "model"), adapter_path=adapter_path, seed=config.seed, **lk)
     train_ds, eval_ds = _datasets(paradigm, run, config, tok)
     _write_run_files(output, run, config)
 

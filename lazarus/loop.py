@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from lazarus import _blas
 from lazarus import checkpointing as ckpt
@@ -64,6 +64,33 @@ def set_mlx_rng_key(key: mx.array) -> None:
     so seeding with ``hi << 32 | lo`` restores ``[hi, lo]`` exactly."""
     hi, lo = (int(v) for v in key.tolist())
     mx.random.seed((hi << 32) | lo)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """Inside the block MLX's global PRNG is seeded with ``seed``; after it, the key it had before
+    is back, so code drawing random numbers here neither depends on nor disturbs the caller's
+    random stream (MLX seeds that stream from the clock)."""
+    saved = mx.random.state[0]
+    mx.random.seed(seed)
+    try:
+        yield
+    finally:
+        set_mlx_rng_key(saved)
+
+
+class RanksDivergedError(RuntimeError):
+    """Data-parallel ranks hold different trainable weights."""
+
+
+def weights_digest(arrays: list[mx.array]) -> mx.array:
+    """One uint32 per array: the sum of its elements' bit patterns modulo 2**32, on the device.
+
+    Any single changed element changes its entry (the change is a non-zero difference mod 2**32),
+    and ranks that drifted apart differ almost everywhere, so comparing these few bytes across
+    ranks stands in for comparing the weights themselves."""
+    unsigned = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint32}
+    return mx.stack([a.reshape(-1).view(unsigned[a.itemsize]).astype(mx.uint32).sum() for a in arrays])
 
 
 def _set_path(tree, path: str, value) -> None:
@@ -177,6 +204,7 @@ class Loop:
         self._signal: str | None = None
         self._steps: dict[str, Callable] = {}
         self._padding: tuple[int | None, float] = (None, 0.0)
+        self._ranks_synced = False
         self.checkpoint_dir: str | None = None
 
     def _resolve_cpu_streams(self, requested: int | None) -> int:
@@ -195,6 +223,41 @@ class Loop:
         if requested is not None:
             return requested
         return 2 if (os.cpu_count() or 1) // self.world_size >= 2 else 1
+
+    # ------------------------------------------------------------------ data-parallel agreement
+    def sync_ranks(self) -> None:
+        """Make every rank's trainable parameters equal to rank 0's, as DDP does at start (once).
+
+        MLX seeds its RNG from the clock, so whatever a process initialises at random (LoRA A,
+        a value head, the user's own init) differs between ranks; averaged gradients would then
+        train different models forever. MLX has no broadcast: rank 0 gives its values and the
+        other ranks zeros to one ``all_sum``, evaluated once. Optimizer state starts at zero (or
+        from the same checkpoint) and the RNGs are seeded from ``seed``, so they agree already."""
+        if self.group is None or self._ranks_synced:
+            return
+        mine = self.rank == 0
+        params = tree_flatten(self.model.trainable_parameters())
+        self.model.update(tree_unflatten([(k, self._all_sum(v if mine else mx.zeros_like(v))) for k, v in params]))
+        mx.eval(self.model.parameters())
+        self._ranks_synced = True
+
+    def check_ranks_agree(self) -> None:
+        """Raise :class:`RanksDivergedError` unless every rank holds the same trainable weights
+        (compared by :func:`weights_digest`, a few bytes per tensor)."""
+        if self.group is None:
+            return
+        weights = self.trainable_weights()
+        names = sorted(weights)
+        every = mx.distributed.all_gather(weights_digest([weights[k] for k in names])[None], group=self.group)
+        every = np.array(every)
+        for r in range(1, every.shape[0]):
+            differ = [names[j] for j in np.nonzero(every[r] != every[0])[0]]
+            if differ:
+                raise RanksDivergedError(
+                    f"data-parallel ranks disagree at step {self.state.step}: rank {r}'s trainable weights differ "
+                    f"from rank 0's in {len(differ)} of {len(names)} tensors (first: {differ[0]}). Every rank "
+                    "applies the same averaged update, so something changed one rank's weights outside the "
+                    "training step (e.g. a callback or per-rank code)")
 
     # ------------------------------------------------------------------ events
     def emit(self, event: str) -> None:
@@ -342,7 +405,6 @@ class Loop:
         self._sum_count += 1
 
     def _restore_trees(self, params, opt_state) -> None:
-        from mlx.utils import tree_unflatten
         self.model.update(tree_unflatten(params))
         for k, v in opt_state:
             _set_path(self.optimizer.state, k, v)
@@ -443,6 +505,7 @@ class Loop:
             per_draw = st.trainer.steps_per_rollout()
         st.planned_steps = self.max_steps if self.max_steps is not None else \
             self.num_epochs * -(-st.steps_per_epoch // (1 if self.rollout else self.accum)) * per_draw
+        self.sync_ranks()
         self.optimizer.init(self.model.trainable_parameters())
         if resume_from is not None:
             self.load_resume_state(resume_from)
@@ -606,10 +669,12 @@ class Loop:
         return arrays, doc
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path | None:
-        """Write weights + resume state atomically (rank 0 only; other ranks return None)."""
+        """Write weights + resume state atomically (rank 0 only; other ranks return None).
+        Every rank calls it: the ranks first check that they hold the same weights."""
         arrays, doc = self.resume_payload()
         weights = self.trainable_weights()
         mx.eval(arrays, weights)
+        self.check_ranks_agree()
         if self.rank != 0:
             return None
         return ckpt.write_checkpoint(path, weights, arrays, doc)

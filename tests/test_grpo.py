@@ -33,13 +33,18 @@ def char_hash(prompts, completions, **columns):
 
 # ---------------------------------------------------------------- math by hand
 def test_group_advantages_by_hand():
+    # unbiased std (n - 1), as torch.std in TRL: [1,0,0,1] -> sqrt(1/3); [3,0,0,0] -> sqrt(6.75/3) = 1.5
     adv, std = group_advantages([1, 0, 0, 1, 2, 2, 2, 2, 3, 0, 0, 0], group_size=4)
-    np.testing.assert_allclose(std, [0.5, 0.0, math.sqrt(27 / 16)])
-    np.testing.assert_allclose(adv[:4], np.array([0.5, -0.5, -0.5, 0.5]) / (0.5 + 1e-4))
+    np.testing.assert_allclose(std, [math.sqrt(1 / 3), 0.0, 1.5])
+    np.testing.assert_allclose(adv[:4], np.array([0.5, -0.5, -0.5, 0.5]) / (math.sqrt(1 / 3) + 1e-4))
     np.testing.assert_allclose(adv[4:8], 0.0)
-    np.testing.assert_allclose(adv[8:], np.array([2.25, -0.75, -0.75, -0.75]) / (math.sqrt(27 / 16) + 1e-4))
+    np.testing.assert_allclose(adv[8:], np.array([2.25, -0.75, -0.75, -0.75]) / (1.5 + 1e-4))
     raw, _ = group_advantages([1, 0, 0, 1], group_size=4, scale_rewards=False)
     np.testing.assert_allclose(raw, [0.5, -0.5, -0.5, 0.5])
+    # a completion no reward function scored (NaN) is left out of its group and gets advantage 0
+    adv, std = group_advantages([1, np.nan, 0, 2], group_size=4)
+    np.testing.assert_allclose(std, [1.0])
+    np.testing.assert_allclose(adv, np.array([0.0, 0.0, -1.0, 1.0]) / (1.0 + 1e-4))
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages([1, 2, 3], group_size=4)
 
@@ -251,3 +256,55 @@ def test_planned_steps_count_every_batch_of_a_rollout(tiny, tmp_path):
     result = trainer.train(prompts)
     assert result.state.planned_steps == 2 * 4 == result.state.step
     assert trainer.get_callback(LRSchedule).total_steps == 8
+
+
+# ---------------------------------------------------------------- off-policy minibatches (TRL parity)
+def test_second_minibatch_is_scored_against_the_sampler_and_clips(tiny, tmp_path, examples):
+    """One generation, two optimizer steps: the second step's weights already moved, so its ratio
+    is not 1 and the clip engages (it was exactly 1 when old log-probs were only kept for
+    num_iterations > 1)."""
+    trainer, ds = _trainer(tiny, tmp_path, examples, num_minibatches=2, max_steps=2, learning_rate=1e-2,
+                           clip_epsilon=0.05)
+    trainer.rewards.funcs[0] = char_hash  # dense rewards: every completion carries signal
+    history = trainer.train(ds).history
+    assert [h["step"] for h in history] == [1, 2]
+    assert history[0]["clip_ratio"] == 0.0  # the first step runs on the sampling weights
+    assert history[1]["clip_ratio"] > 0.0
+
+
+def test_dapo_normalises_by_the_whole_generation_batch(tiny, tmp_path, examples):
+    """TRL's dapo: each minibatch's token sum / the completion tokens of the whole generation
+    batch (not the minibatch's own), with equal weight per rank."""
+    trainer, ds = _trainer(tiny, tmp_path, examples, num_minibatches=2)
+    trainer.rewards.funcs[0] = char_hash
+    batches = trainer.rollout(State(), ds.collate([0, 1, 2, 3]))
+    assert len(batches) == 2 and all("old_logps" in b for b in batches)
+    total_tokens = sum(b["num_tokens"] for b in batches)
+    assert 0 < batches[0]["num_tokens"] < total_tokens
+    for b in batches:
+        assert b["loss_normalizer"].item() == total_tokens and b["loss_weight"].item() == 1.0
+        arrays = {k: v for k, v in b.items() if isinstance(v, mx.array)}
+        loss = trainer.compute_loss(trainer.model, arrays)[0].item()
+        # at the sampling weights the ratio is 1: the loss is -(A summed over this minibatch's tokens) / all tokens
+        want = -(np.array(b["advantages"])[:, None] * np.array(b["mask"])).sum() / total_tokens
+        assert abs(want) > 1e-3 and loss == pytest.approx(want, rel=1e-4)
+
+
+def test_completions_no_reward_function_scored_get_advantage_zero(tiny, tmp_path, examples):
+    def sometimes(prompts, completions, **_):
+        return [None if i % 4 < 2 else char_hash([], [c])[0] for i, c in enumerate(completions)]
+
+    def rarely(prompts, completions, **_):
+        return [None if i % 4 == 0 else float(len(c) % 3) for i, c in enumerate(completions)]
+
+    model, tok = tiny
+    trainer = GRPOTrainer(model, tok, GRPOConfig(group_size=4, max_completion_length=6, batch_size=4),
+                          reward_funcs=[sometimes, rarely])
+    ds = PromptDataset(examples / "prompts_train.jsonl", tok)
+    adv = np.array(trainer.rollout(State(), ds.collate([0, 1, 2, 3]))[0]["advantages"])
+    comps = trainer.last_completions.texts
+    total = np.array([(0.0 if i % 4 < 2 else char_hash([], [c])[0]) + (np.nan if i % 4 == 0 else len(c) % 3)
+                      for i, c in enumerate(comps)])
+    want, _ = group_advantages(total, 4)  # NaN where both returned None: left out of the group
+    np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-6)
+    assert np.all(adv[::4] == 0.0)

@@ -47,8 +47,10 @@ def test_whiten_over_the_mask():
     x = np.array([[1.0, 2.0, 3.0, 100.0]])
     m = np.array([[1, 1, 1, 0]])
     w = whiten(x, m)
-    np.testing.assert_allclose(w[0, :3], np.array([-1, 0, 1]) / math.sqrt(2 / 3 + 1e-8))
+    # unbiased variance (TRL's masked_var): ((1 + 0 + 1) / 3) * 3 / 2 = 1
+    np.testing.assert_allclose(w[0, :3], np.array([-1, 0, 1]) / math.sqrt(1 + 1e-8))
     assert w[0, 3] == 0
+    np.testing.assert_allclose(whiten(x, m, shift_mean=False)[0, :3], np.array([-1, 0, 1]) / math.sqrt(1 + 1e-8) + 2)
 
 
 def test_ppo_loss_by_hand():

@@ -16,7 +16,7 @@ class ModelLoadError(ValueError):
 def load_model(path: str | os.PathLike, use_lora: bool = False, *, lora_rank: int = 8,
                lora_scale: float | None = None, lora_alpha: float | None = None, lora_dropout: float = 0.0,
                lora_layers: int = -1, lora_keys: list[str] | None = None,
-               adapter_path: str | os.PathLike | None = None):
+               adapter_path: str | os.PathLike | None = None, seed: int = 0):
     """Load ``(model, tokenizer)`` from a local Hugging Face / MLX model folder via mlx-lm.
 
     With ``use_lora=True`` the base is frozen and mlx-lm LoRA layers are added to
@@ -25,7 +25,19 @@ def load_model(path: str | os.PathLike, use_lora: bool = False, *, lora_rank: in
     (default 20.0); ``lora_alpha`` is accepted instead and converted to ``alpha / rank``.
     ``adapter_path`` loads adapters saved by Lazarus or by ``mlx_lm.lora`` (and keeps them
     trainable when ``use_lora`` is also set).
+
+    Random initialisation (LoRA's ``lora_a``; ``lora_b`` starts at zero) draws from a generator
+    seeded with ``seed``, not from MLX's clock-seeded global one, so the same call gives the same
+    weights in every process and every run; the global RNG state is left as it was.
     """
+    from lazarus.loop import seeded_rng
+
+    with seeded_rng(seed):
+        return _load(path, use_lora, lora_rank, lora_scale, lora_alpha, lora_dropout, lora_layers, lora_keys,
+                     adapter_path)
+
+
+def _load(path, use_lora, lora_rank, lora_scale, lora_alpha, lora_dropout, lora_layers, lora_keys, adapter_path):
     from mlx_lm.utils import load as mlx_load
 
     p = Path(path)

@@ -160,6 +160,7 @@ class Trainer:
         train_loader = self.make_loader(dataset, "train")
         eval_loader = self.make_loader(eval_dataset, "eval") if eval_dataset is not None else None
         self.loop = self.build_loop(train_loader, eval_loader)
+        self.loop.sync_ranks()  # before prepare(): reference caches and snapshots see rank 0's weights
         with fast_cpu.fast_cpu_kernels(self.model, self.config.fast_cpu_kernels):
             self.prepare(train_loader, eval_loader, resuming=resume_from is not None)
             self.model.train()

@@ -8,7 +8,7 @@ from typing import Literal
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lazarus import _blas
 from lazarus.callbacks import EarlyStopping
@@ -24,7 +24,15 @@ class DPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     beta: float = Field(0.1, gt=0, description="KL penalty coefficient")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed label noise")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed label noise "
+                                   "(sigmoid loss only)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing={self.label_smoothing} only applies to loss_type 'sigmoid', not "
+                             f"{self.loss_type!r} (TRL ignores it there); set label_smoothing to 0")
+        return self
 
 
 class DPOTrainerConfig(TrainerConfig):
@@ -35,10 +43,12 @@ class DPOTrainerConfig(TrainerConfig):
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0):
-    """Per-pair DPO losses and implicit rewards from summed sequence log-probs.
+    """Per-pair DPO losses and implicit rewards from sequence log-probs (TRL's formulas).
 
     ``h = (pi_c - pi_r) - (ref_c - ref_r)``; sigmoid: ``-(1-e) logsig(b h) - e logsig(-b h)``;
-    ipo: ``(h - 1/(2b))^2``; hinge: ``relu(1 - b h)``. Rewards are ``b (pi - ref)``."""
+    ipo: ``(h - 1/(2b))^2``; hinge: ``relu(1 - b h)``. Rewards are ``b (pi - ref)``. The
+    log-probs are sums over the response tokens, except for ipo, where they must be per-token
+    means (the trainer divides them; on sums the IPO loss grows with length squared)."""
     h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * nn.log_sigmoid(beta * h) - label_smoothing * nn.log_sigmoid(-beta * h)
@@ -168,9 +178,12 @@ class DPOTrainer(Trainer):
         c = self.config.dpo
         logps = sequence_logps(model, batch)
         n = logps.shape[0] // 2
+        ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+        if c.loss_type == "ipo":  # IPO on per-token mean log-probs, policy and reference alike (TRL)
+            ntok = mx.maximum(batch["mask"].sum(-1), 1.0)
+            logps, ref_c, ref_r = logps / ntok, ref_c / ntok[:n], ref_r / ntok[n:]
         pc, pr = logps[:n], logps[n:]
-        losses, cr, rr = dpo_loss(pc, pr, batch["ref_chosen"], batch["ref_rejected"], c.beta, c.loss_type,
-                                  c.label_smoothing)
+        losses, cr, rr = dpo_loss(pc, pr, ref_c, ref_r, c.beta, c.loss_type, c.label_smoothing)
         metrics = {
             "rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(), "rewards/margins": (cr - rr).mean(),
             "rewards/accuracies": (cr > rr).astype(mx.float32).mean(),

@@ -2,10 +2,12 @@
 
 Each prompt batch becomes one rollout: ``group_size`` completions per prompt are sampled,
 scored by the reward functions, and each completion's advantage is its reward relative to
-its group (minus the group mean, divided by the group std when ``scale_rewards``). The loss
-is the PPO-style clipped surrogate per completion token against the sampling policy, plus
-``beta`` times the k3 estimate of KL(policy || reference). ``num_iterations`` passes over a
-rollout, each split into ``num_minibatches``, give that many optimizer steps per rollout.
+its group (minus the group mean, divided by the group's unbiased std when ``scale_rewards``).
+The loss is the PPO-style clipped surrogate per completion token against the sampling policy,
+plus ``beta`` times the k3 estimate of KL(policy || reference). ``num_iterations`` passes over a
+rollout, each split into ``num_minibatches``, give that many optimizer steps per rollout; when
+that is more than one, the sampling policy's log-probs are kept for the ratio. The math follows
+TRL's ``GRPOTrainer`` (see docs/grpo_ppo.md for the formulas and the differences).
 """
 
 from __future__ import annotations
@@ -49,17 +51,21 @@ class GRPOConfig(OnlineRLConfig):
 
 
 def group_advantages(rewards, group_size: int, scale_rewards: bool = True, eps: float = 1e-4):
-    """Advantages of ``rewards`` (prompt-major: rows ``[i*G, (i+1)*G)`` share a prompt).
+    """Advantages of ``rewards`` (prompt-major: rows ``[i*G, (i+1)*G)`` share a prompt), as TRL.
 
-    ``A = r - mean(group)``, divided by ``std(group) + eps`` (population std) when
-    ``scale_rewards``. Returns ``(advantages, group_std)`` as numpy arrays."""
+    ``A = r - mean(group)``, divided by ``std(group) + eps`` when ``scale_rewards``, where std is
+    the unbiased (n - 1) estimate, like ``torch.std``. A NaN reward (a completion that no reward
+    function scored) is left out of its group's mean and std and gets advantage 0. Returns
+    ``(advantages, group_std)`` as numpy arrays."""
     r = np.asarray(rewards, dtype=np.float64)
     if r.size % group_size:
         raise ValueError(f"{r.size} rewards do not split into groups of {group_size}")
     g = r.reshape(-1, group_size)
-    mean = g.mean(axis=1, keepdims=True)
-    std = g.std(axis=1, keepdims=True)
-    adv = g - mean
+    scored = ~np.isnan(g)
+    n = scored.sum(axis=1, keepdims=True)
+    mean = np.where(scored, g, 0.0).sum(axis=1, keepdims=True) / np.maximum(n, 1)
+    adv = np.where(scored, g - mean, 0.0)
+    std = np.sqrt((adv ** 2).sum(axis=1, keepdims=True) / np.maximum(n - 1, 1))
     if scale_rewards:
         adv = adv / (std + eps)
     return adv.reshape(-1), std[:, 0]
@@ -74,12 +80,14 @@ def k3_kl(logps, ref_logps):
 
 def grpo_loss(logps, mask, advantages, old_logps=None, ref_logps=None, *, beta: float = 0.0,
               clip_epsilon: float = 0.2, clip_epsilon_high: float | None = None, loss_type: str = "dapo",
-              max_completion_length: int | None = None):
-    """The GRPO objective from per-token log-probs.
+              max_completion_length: int | None = None, normalizer=None):
+    """The GRPO objective from per-token log-probs (TRL's formula).
 
     ``logps``/``old_logps``/``ref_logps``/``mask``: (N, T); ``advantages``: (N,).
-    ``old_logps=None`` means the batch was sampled by the current weights (one pass per
-    rollout): the ratio is then exactly 1 in value while its gradient is that of ``logps``.
+    ``old_logps=None`` means the batch was sampled by the current weights (its generation feeds
+    this one optimizer step): the ratio is then exactly 1 in value while its gradient is that of
+    ``logps``. ``normalizer`` (dapo only): what the masked token sum is divided by; the trainer
+    passes the generation batch's completion tokens / ranks (TRL), None uses this batch's tokens.
     Returns ``(loss, metrics)`` with ``clip_ratio`` (share of tokens whose clipped term is the
     active one) and, with a reference, ``kl`` (token mean of k3)."""
     old = mx.stop_gradient(logps) if old_logps is None else old_logps
@@ -98,7 +106,7 @@ def grpo_loss(logps, mask, advantages, old_logps=None, ref_logps=None, *, beta: 
     if loss_type == "grpo":
         loss = (masked.sum(axis=1) / mx.maximum(mask.sum(axis=1), 1.0)).mean()
     elif loss_type == "dapo":
-        loss = masked.sum() / mx.maximum(mask.sum(), 1.0)
+        loss = masked.sum() / (mx.maximum(mask.sum(), 1.0) if normalizer is None else normalizer)
     elif loss_type == "dr_grpo":
         if not max_completion_length:
             raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
@@ -131,7 +139,8 @@ class GRPOTrainer(OnlineRLTrainer):
         c = self.config
         comps, prompts, columns = self.sample(prompt_batch, c.group_size)
         total, per = self.rewards(prompts, comps.texts, columns)
-        adv, group_std = group_advantages(total, c.group_size, c.scale_rewards)
+        unscored = np.all([np.isnan(v) for v in per.values()], axis=0)  # every function returned None
+        adv, group_std = group_advantages(np.where(unscored, np.nan, total), c.group_size, c.scale_rewards)
         inputs, targets, mask = pack_sequences(comps.prompt_ids, comps.completion_ids, self.pad_id)
         if c.mask_truncated_completions:
             mask = mask * np.asarray(comps.finished, dtype=np.float32)[:, None]
@@ -139,7 +148,8 @@ class GRPOTrainer(OnlineRLTrainer):
         arrays = {"inputs": mx.array(inputs), "targets": mx.array(targets), "mask": mx.array(mask),
                   "advantages": mx.array(adv.astype(np.float32))}
         chunk = -(-n // c.num_minibatches)
-        if c.num_iterations > 1:
+        if self.steps_per_rollout() > 1:
+            # after the first step the weights have moved: later steps need the sampler's log-probs
             arrays["old_logps"] = self.policy_logps(arrays["inputs"], arrays["targets"], chunk)
         if self.needs_reference():
             arrays["ref_logps"] = self.reference_logps(arrays["inputs"], arrays["targets"], chunk)
@@ -147,15 +157,21 @@ class GRPOTrainer(OnlineRLTrainer):
                    **self._per_reward_means(per),
                    "frac_reward_zero_std": float(np.mean(group_std < 1e-6)), **comps.metrics()}
         logs = self.log_arrays(metrics)
+        if c.loss_type == "dapo":
+            # TRL: each rank divides its minibatch's token sum by (completion tokens of the whole
+            # generation batch, all ranks) / ranks, and ranks are averaged with equal weight
+            world = self.loop.world_size if self.loop is not None else 1
+            normalizer = mx.array(max(self.all_ranks_sum(float(mask.sum())), 1.0) / world)
         rng = np.random.default_rng([c.seed, state.step, 7])
         batches = []
         for _ in range(c.num_iterations):
             for idx in split_minibatches(n, c.num_minibatches, rng):
                 part = trim_width(take_rows(arrays, idx)) if c.num_minibatches > 1 else dict(arrays)
-                ntok = float(np.asarray(mask)[idx].sum())
-                weight = ntok if c.loss_type == "dapo" else float(len(idx))
-                batches.append({**part, **logs, "loss_weight": mx.array(max(weight, 1.0)),
-                                "num_tokens": int(ntok)})
+                if c.loss_type == "dapo":
+                    part.update(loss_normalizer=normalizer, loss_weight=mx.array(1.0))
+                else:  # a mean over this rank's sequences: weighted by their number
+                    part["loss_weight"] = mx.array(float(len(idx)))
+                batches.append({**part, **logs, "num_tokens": int(mask[idx].sum())})
         self._finish_rollout(t0)
         return batches
 
@@ -165,5 +181,6 @@ class GRPOTrainer(OnlineRLTrainer):
         loss, metrics = grpo_loss(logps, batch["mask"], batch["advantages"], batch.get("old_logps"),
                                   batch.get("ref_logps"), beta=c.beta, clip_epsilon=c.clip_epsilon,
                                   clip_epsilon_high=c.clip_epsilon_high, loss_type=c.loss_type,
-                                  max_completion_length=c.max_completion_length)
+                                  max_completion_length=c.max_completion_length,
+                                  normalizer=batch.get("loss_normalizer"))
         return loss, {**metrics, **self.passthrough_metrics(batch)}

@@ -7,7 +7,7 @@ are trained together (``loss = policy_loss + vf_coef * value_loss``). Each rollo
 * per-token reward ``r_t = -beta * (logp_t - ref_logp_t)``, plus the score on the last
   completion token;
 * GAE advantages (``gamma``, ``gae_lambda``) against the value head's estimates, whitened
-  over the rollout's tokens; returns = advantages + values;
+  over the rollout's tokens (unbiased variance, as TRL); returns = advantages + values;
 * ``ppo_epochs`` passes, each split into ``num_minibatches`` optimizer steps, of the
   clipped policy loss and the clipped value loss.
 
@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 from pydantic import Field, model_validator
 
 from lazarus import checkpointing as ckpt
+from lazarus.loop import seeded_rng
 from lazarus.training.rollout import (OnlineRLConfig, OnlineRLTrainer, chunked, eval_mode, logps_from_logits, masked_mean,
                                       pack_sequences, split_minibatches, take_rows, trim_width)
 
@@ -81,12 +82,16 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
 
 
 def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
-    """Normalise ``x`` to unit variance (and zero mean when ``shift_mean``) over the mask."""
+    """TRL's ``masked_whiten`` (numpy): ``(x - mean) / sqrt(var + eps)`` over the mask, with the
+    unbiased variance (times ``n / (n - 1)``); ``shift_mean=False`` adds the mean back. 0 outside
+    the mask."""
     x = np.asarray(x, dtype=np.float64)
     m = np.asarray(mask, dtype=np.float64)
-    count = max(m.sum(), 1.0)
-    mean = (x * m).sum() / count
-    var = (((x - mean) ** 2) * m).sum() / count
+    count = m.sum()
+    mean = (x * m).sum() / max(count, 1.0)
+    var = (((x - mean) ** 2) * m).sum() / max(count, 1.0)
+    if count > 1:
+        var *= count / (count - 1)
     out = (x - mean) / np.sqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -143,7 +148,7 @@ class PolicyWithValueHead(nn.Module):
     or the LoRA adapters) plus the value head's, under the policy's own key names, so the
     checkpoint's weights load into the bare policy with ``strict=False``."""
 
-    def __init__(self, policy: nn.Module, value_head: nn.Module | None = None):
+    def __init__(self, policy: nn.Module, value_head: nn.Module | None = None, seed: int = 0):
         super().__init__()
         for k, v in policy.items():
             if isinstance(v, mx.array):
@@ -164,8 +169,9 @@ class PolicyWithValueHead(nn.Module):
                                                      policy(probe).astype(mx.float32), atol=1e-4).item()
         object.__setattr__(self, "_hidden", hidden)
         object.__setattr__(self, "_head", head if fused else None)
-        if value_head is None:
-            value_head = nn.Linear(h.shape[-1], 1)
+        if value_head is None:  # zero-initialised; built from `seed`, leaving MLX's global RNG alone
+            with seeded_rng(seed):
+                value_head = nn.Linear(h.shape[-1], 1)
             value_head.weight = mx.zeros_like(value_head.weight)
             value_head.bias = mx.zeros_like(value_head.bias)
         self.value_head = value_head
@@ -206,7 +212,7 @@ class PPOTrainer(OnlineRLTrainer):
         super().__init__(model, tokenizer, config, reward_fn, reward_funcs=reward_funcs,
                          reward_weights=reward_weights, reference_model=reference_model, callbacks=callbacks,
                          optimizer=optimizer)
-        self.value_model = PolicyWithValueHead(model, value_head)
+        self.value_model = PolicyWithValueHead(model, value_head, seed=self.config.seed)
 
     def train_module(self):
         return self.value_model
@@ -265,8 +271,8 @@ class PPOTrainer(OnlineRLTrainer):
         for _ in range(c.ppo_epochs):
             for idx in split_minibatches(n, c.num_minibatches, rng):
                 part = trim_width(take_rows(arrays, idx)) if c.num_minibatches > 1 else dict(arrays)
-                ntok = float(mask[idx].sum())
-                batches.append({**part, **logs, "loss_weight": mx.array(max(ntok, 1.0)), "num_tokens": int(ntok)})
+                # each rank's token mean counts equally, as TRL's per-process mean averaged over processes
+                batches.append({**part, **logs, "loss_weight": mx.array(1.0), "num_tokens": int(mask[idx].sum())})
         self._finish_rollout(t0)
         return batches
 

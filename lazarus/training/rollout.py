@@ -336,10 +336,8 @@ class OnlineRLTrainer(Trainer):
         if ckpt_cb is not None and ckpt_cb.monitor is None:
             ckpt_cb.monitor = "eval/reward" if eval_dataset is not None else "reward"
             ckpt_cb.mode = "max"
-        if self._needs_snapshot():  # a resumed run gets the snapshot saved in its checkpoint instead
-            self._ref_params = None
-            if resume_from is None:
-                self.snapshot_reference()
+        if self._needs_snapshot():  # prepare() takes it (after the ranks are synchronised); a resumed
+            self._ref_params = None  # run gets the snapshot saved in its checkpoint instead
         return super().train(dataset, eval_dataset, resume_from)
 
     def build_loop(self, train_loader, eval_loader=None, **kwargs):
@@ -407,6 +405,13 @@ class OnlineRLTrainer(Trainer):
             out[f"rewards/{name}"] = float(vals[ok].mean()) if ok.any() else 0.0
         return out
 
+    def all_ranks_sum(self, x: float) -> float:
+        """``x`` summed over the data-parallel ranks (a collective: every rank must call it)."""
+        loop = self.loop
+        if loop is None or loop.group is None:
+            return x
+        return mx.distributed.all_sum(mx.array(x, dtype=mx.float32), group=loop.group).item()
+
     @staticmethod
     def log_arrays(metrics: dict[str, float]) -> dict:
         return {LOG_PREFIX + k: mx.array(float(v), dtype=mx.float32) for k, v in metrics.items()}
@@ -462,6 +467,8 @@ class OnlineRLTrainer(Trainer):
     def prepare(self, train_loader, eval_loader, resuming: bool) -> None:
         self._rollout_seconds = 0.0
         self._timer_start = time.perf_counter()
+        if not resuming and self._ref_params is None and self._needs_snapshot():
+            self.snapshot_reference()
 
     def resume_state(self):
         if self._ref_params is not None and self._needs_snapshot():
