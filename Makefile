@@ -5,10 +5,11 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: demo test blas clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every dependency to the versions the tests and benchmarks were run with.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
 	@$(MAKE) --no-print-directory blas
 	@touch $(STAMP)
 

@@ -56,6 +56,16 @@ class RecomputeReferenceDPO(DPOTrainer):
         return losses.mean(), {"rewards/margins": (cr - rr).mean()}
 
 
+def make_pairs(path: Path, n: int) -> Path:
+    """``n`` preference pairs with responses of 8-40 words (seeded)."""
+    rng = random.Random(0)
+    words = "good bad river stone cloud light north south green blue".split()
+    rows = [{"prompt": f"Describe item {i}.", "chosen": " ".join(rng.choice(words) for _ in range(rng.randint(8, 40))),
+             "rejected": " ".join(rng.choice(words) for _ in range(rng.randint(8, 40)))} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 BATCH = 8  # preference pairs per optimizer step (both trainers)
 LR = 1e-4
 LORA_RANK = 8
@@ -145,12 +155,7 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp())
     model_dir = create_tiny_model(tmp / "m", hidden_size=args.hidden, num_layers=args.layers, num_heads=8,
                                   num_kv_heads=8, intermediate_size=2 * args.hidden)
-    rng = random.Random(0)
-    words = "good bad river stone cloud light north south green blue".split()
-    rows = [{"prompt": f"Describe item {i}.", "chosen": " ".join(rng.choice(words) for _ in range(rng.randint(8, 40))),
-             "rejected": " ".join(rng.choice(words) for _ in range(rng.randint(8, 40)))} for i in range(8 * max(1, args.steps // args.epochs))]
-    data = tmp / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = make_pairs(tmp / "prefs.jsonl", 8 * max(1, args.steps // args.epochs))
     dpo_trainer = _mlx_lm_lora.trainer_module("dpo_trainer")
     best = {"cached": 0.0, "steady": 0.0, "recompute": 0.0, "mlx_lm_lora": 0.0}
     for r in range(args.repeats):
