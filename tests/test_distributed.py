@@ -90,3 +90,40 @@ def test_two_rank_grpo_shares_prompts_and_stays_in_sync(tiny_dir, data):
     # each rank scored its own half of every global prompt batch (2 prompts x group 2 per step)
     assert len(r0["prompts"]) == len(r1["prompts"]) == 3 * 2 * 2
     assert not set(r0["prompts"]) & set(r1["prompts"])
+
+
+def test_ranks_start_equal_without_any_seeding(tiny_dir, data):
+    """No mx.random.seed anywhere and each rank starting from different weights (as a clock-seeded
+    init gives): fit start makes every rank rank 0's copy, and they agree at every checkpoint."""
+    out = data / "unseeded"
+    p = launch([tiny_dir, data / "train.jsonl", out, 4, "--no-seed", "--perturb-per-rank", "--checkpoint-interval", 2],
+               out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = result(out, 0), result(out, 1)
+    assert set(r0["checkpoint_digests"]) == {"step_2", "step_4", "final"}
+    assert r0["checkpoint_digests"] == r1["checkpoint_digests"]
+    assert r0["digest"] == r1["digest"] and r0["losses"] == r1["losses"]
+
+
+def test_ranks_that_drift_apart_stop_at_the_next_checkpoint(tiny_dir, data):
+    out = data / "desync"
+    p = launch([tiny_dir, data / "train.jsonl", out, 6, "--desync-at", 2, "--checkpoint-interval", 3], out,
+               timeout=120, env={"LAZARUS_DIST_TIMEOUT": "20"})
+    assert p.returncode != 0
+    assert "ranks disagree at step 3: rank 1's trainable weights differ from rank 0's" in p.stderr
+    assert not (out / "rank0" / "ck" / "step_3.safetensors").exists()
+
+
+def test_cli_lora_ranks_are_identical_without_a_seed(tiny_dir, data):
+    out = data / "cli"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "lazarus.launch", "-n", "2", str(Path(__file__).parent / "distributed_cli.py"),
+           str(out), "train", "sft", "--model", str(tiny_dir), "--data", str(data / "train.jsonl"), "--lora",
+           "--max-steps", "4", "--output", str(out / "run"), "--set", "batch_size=8", "--set", "learning_rate=1e-3",
+           "--set", "warmup_steps=0", "--set", "checkpoint_interval=2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"cli_rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["rc"] == r1["rc"] == 0
+    assert set(r0["digests"]) >= {"step_2", "step_4", "final"}
+    assert r0["digests"] == r1["digests"]

@@ -117,3 +117,20 @@ def test_clear_errors_for_missing_models(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json is missing"):
         load_model(tmp_path / "empty")
+
+
+def test_lora_init_is_seeded_and_leaves_the_global_rng_alone(tiny_dir):
+    def lora(model):
+        return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+    mx.random.seed(123)
+    key = np.array(mx.random.state[0])
+    a = lora(load_model(tiny_dir, use_lora=True, lora_rank=4)[0])
+    np.testing.assert_array_equal(np.array(mx.random.state[0]), key)  # the caller's stream is untouched
+    mx.random.uniform(shape=(5,))  # move the global RNG on: the next load must not care
+    b = lora(load_model(tiny_dir, use_lora=True, lora_rank=4)[0])
+    other = lora(load_model(tiny_dir, use_lora=True, lora_rank=4, seed=1)[0])
+    assert set(a) == set(b) and any(np.abs(v).max() > 0 for k, v in a.items() if k.endswith("lora_a"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert any(not np.array_equal(a[k], other[k]) for k in a if k.endswith("lora_a"))

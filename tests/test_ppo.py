@@ -140,7 +140,6 @@ def test_ppo_raises_a_token_reward(tiny, tmp_path, examples):
 
 def test_ppo_resume_is_exact_including_value_head(tiny_dir, tmp_path, examples):
     def run(stop_at=None, resume=None, out="a"):
-        mx.random.seed(0)  # LoRA init draws from the global RNG
         model, tok = load_model(tiny_dir, use_lora=True, lora_rank=4)
         trainer, ds = _trainer(model, tok, tmp_path, examples, reward_fn=char_hash, batch_size=4, group_size=2,
                                max_steps=7, ppo_epochs=2, num_minibatches=2, beta=0.05, seed=5,
