@@ -1,0 +1,94 @@
+"""One PyTorch-side run for bench/vs_torch.py, executed by the torch virtualenv's Python.
+
+    bench/.torch-venv/bin/python bench/_torch_worker.py {trl,bare} {lora,full} MODEL_DIR TOKENS.json
+
+Trains one epoch of the pre-tokenized examples in TOKENS.json (token ids, prompt lengths and
+Lazarus's batch order) on the Hugging Face llama loaded from MODEL_DIR, in float32 on the CPU,
+and prints one JSON line: seconds, target tokens, peak RSS. ``trl`` is TRL's ``SFTTrainer``
+(constant LR, no gradient checkpointing, float32: its fastest settings for this comparison);
+``bare`` is a hand-written loop over the same batches Lazarus draws (right padding, AdamW).
+LoRA is PEFT's, rank 8 on every linear layer of the blocks with mlx-lm's scale (alpha = 20 x rank).
+"""
+
+import json
+import resource
+import sys
+import time
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def load(model_dir: str, mode: str, threads: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=160, lora_dropout=0.0, target_modules=targets))
+    return model
+
+
+def run_trl(model, data, lr, batch):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    rows = {"input_ids": [e["ids"] for e in data["examples"]],
+            "labels": [[-100] * e["prompt_len"] + e["ids"][e["prompt_len"]:] for e in data["examples"]]}
+    args = SFTConfig(output_dir=data["tmp"], per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=lr,
+                     lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, bf16=False,
+                     gradient_checkpointing=False, logging_steps=10 ** 6, save_strategy="no", report_to="none",
+                     use_cpu=True, dataloader_num_workers=0, max_length=None, seed=0, disable_tqdm=True)
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(data["model_dir"])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tok)
+    t = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - t
+
+
+def run_bare(model, data, lr, batch):
+    import torch
+
+    ex = data["examples"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pad = data["pad_id"]
+    model.train()
+    t = time.perf_counter()
+    for idx in data["batches"]:
+        width = max(len(ex[i]["ids"]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        attn = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            e = ex[i]
+            n = len(e["ids"])
+            ids[r, :n] = torch.tensor(e["ids"])
+            attn[r, :n] = 1
+            labels[r, e["prompt_len"]:n] = torch.tensor(e["ids"][e["prompt_len"]:])
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
+
+
+def main():
+    kind, mode, model_dir, tokens = sys.argv[1:5]
+    data = json.loads(open(tokens).read())
+    data["model_dir"] = model_dir
+    model = load(model_dir, mode, data["threads"])
+    seconds = (run_trl if kind == "trl" else run_bare)(model, data, data["lr"], data["batch"])
+    print(json.dumps({"seconds": seconds, "target_tokens": data["target_tokens"], "peak_rss_gb": peak_rss_gb()}))
+
+
+if __name__ == "__main__":
+    main()
