@@ -81,13 +81,35 @@ def run_bare(model, data, lr, batch):
     return time.perf_counter() - t
 
 
+def run_trl_dpo(model, data, lr, batch):
+    """TRL's DPOTrainer on the same preference pairs (text; TRL tokenizes them with the same
+    tokenizer and appends EOS), reference = the policy with its adapters disabled, beta 0.1."""
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(line) for line in open(data["pairs"])]
+    args = DPOConfig(output_dir=data["tmp"], per_device_train_batch_size=batch, max_steps=data["steps"],
+                     learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, bf16=False,
+                     gradient_checkpointing=False, logging_steps=10 ** 6, save_strategy="no", report_to="none",
+                     use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True, beta=0.1)
+    tok = PreTrainedTokenizerFast.from_pretrained(data["model_dir"])
+    ds = Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")})
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    t = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - t
+
+
 def main():
     kind, mode, model_dir, tokens = sys.argv[1:5]
     data = json.loads(open(tokens).read())
     data["model_dir"] = model_dir
-    model = load(model_dir, mode, data["threads"])
-    seconds = (run_trl if kind == "trl" else run_bare)(model, data, data["lr"], data["batch"])
-    print(json.dumps({"seconds": seconds, "target_tokens": data["target_tokens"], "peak_rss_gb": peak_rss_gb()}))
+    model = load(model_dir, "lora" if mode == "dpo" else mode, data["threads"])
+    run = run_trl_dpo if mode == "dpo" else (run_trl if kind == "trl" else run_bare)
+    seconds = run(model, data, data["lr"], data["batch"])
+    print(json.dumps({"seconds": seconds, "target_tokens": data["target_tokens"], "steps": data.get("steps"),
+                      "peak_rss_gb": peak_rss_gb()}))
 
 
 if __name__ == "__main__":
