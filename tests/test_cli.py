@@ -337,9 +337,11 @@ def test_training_guide_documents_every_field_with_its_default():
         assert set(table) == set(cls.model_fields), (heading, set(table) ^ set(cls.model_fields))
 
 
-def test_cli_doc_lists_every_run_key_and_readme_starts_with_make():
+def test_cli_doc_lists_every_run_key_and_readme_opens_with_title_sentence_and_make():
     md = (REPO / "docs" / "cli.md").read_text()
     for key in RUN_KEYS:
         assert f"| `{key}` |" in md, key
-    readme = (REPO / "README.md").read_text()
-    assert readme.startswith("```\nmake demo\nmake test\n```\n")
+    title, sentence, commands = (REPO / "README.md").read_text().split("\n\n")[:3]
+    assert title == "# Lazarus"
+    assert "\n" not in sentence and sentence.endswith(".") and sentence.count(". ") == 0
+    assert commands == "```bash\nmake demo\nmake test\n```"
