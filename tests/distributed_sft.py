@@ -78,7 +78,9 @@ def main():
                                      for k, v in tree_flatten(model.trainable_parameters())]))
     ds = SFTDataset(args.data, tok)
     cfg = SFTConfig(max_steps=args.max_steps, batch_size=8, learning_rate=1e-3, warmup_steps=2, log_interval=1,
-                    checkpoint_dir=os.path.join(out, "ck"), checkpoint_interval=args.checkpoint_interval or args.stop_at or 1000, compile=not os.environ.get("NOCOMPILE"))
+                    checkpoint_dir=os.path.join(out, "ck"),
+                    checkpoint_interval=args.checkpoint_interval or args.stop_at or 1000,
+                    compile=not os.environ.get("NOCOMPILE"))
     recorder = RecordDigests(args.desync_at)
     cbs = [StopOrFail(args.stop_at, args.fail_rank), TensorBoardLogger(os.path.join(out, "tb")), recorder]
     result = SFTTrainer(model, tok, cfg, callbacks=cbs).train(ds, resume_from=args.resume)
