@@ -13,6 +13,8 @@ core count, MLX version and the BLAS library in use, so each combination is meas
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -85,17 +87,37 @@ def decide(feature: str, measure: Callable[[], tuple[float, float]]) -> bool:
     if os.environ.get("LAZARUS_AUTOTUNE", "").lower() in ("off", "0", "false", "no"):
         return False
     key = machine_key()
-    data = _read()
-    verdict = data.get(key, {}).get(feature)
+    verdict = _read().get(key, {}).get(feature)
     if verdict is not None:
         return bool(verdict["enabled"])
+    with _exclusive():  # processes starting together measure one at a time, not against each other
+        verdict = _read().get(key, {}).get(feature)  # measured by whoever held the lock before us
+        if verdict is not None:
+            return bool(verdict["enabled"])
+        return _measure_and_store(key, feature, measure)
+
+
+@contextlib.contextmanager
+def _exclusive():
+    try:
+        cache_file().parent.mkdir(parents=True, exist_ok=True)
+        handle = open(cache_file().with_suffix(".lock"), "w")
+    except OSError:
+        yield  # no writable cache folder: measure without the lock
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _measure_and_store(key: str, feature: str, measure: Callable[[], tuple[float, float]]) -> bool:
     print(f"[lazarus] measuring '{feature}' on this machine (once; cached in {cache_file()}) ...",
           file=sys.stderr, flush=True)
     t_on, t_off = measure()
     enabled = t_off / t_on >= MIN_GAIN
     print(f"[lazarus] '{feature}': {t_off / t_on:.2f}x vs off -> {'on' if enabled else 'off'}", file=sys.stderr,
           flush=True)
-    data = _read()  # another process may have written meanwhile
+    data = _read()  # keep the verdicts other features and machines have
     data.setdefault(key, {})[feature] = {"enabled": enabled, "speedup": round(t_off / t_on, 3),
                                          "measured": time.strftime("%Y-%m-%d")}
     _write(data)

@@ -241,6 +241,13 @@ class Loop:
         mx.eval(self.model.parameters())
         self._ranks_synced = True
 
+    def rank0_choice(self, value: bool) -> bool:
+        """Rank 0's ``value``, on every rank: for decisions a process makes by itself (e.g. a
+        per-machine measurement) that must nevertheless be the same on all ranks."""
+        if self.group is None:
+            return bool(value)
+        return bool(self._all_sum(mx.array(float(bool(value)) if self.rank == 0 else 0.0)).item())
+
     def check_ranks_agree(self) -> None:
         """Raise :class:`RanksDivergedError` unless every rank holds the same trainable weights
         (compared by :func:`weights_digest`, a few bytes per tensor)."""

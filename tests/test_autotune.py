@@ -62,9 +62,34 @@ def test_auto_follows_the_cached_verdict_for_this_machine(cache, tiny):
             assert on is verdict
 
 
-def test_the_kernel_micro_benchmark_runs_both_paths():
+def test_the_kernel_micro_benchmark_runs_both_paths_and_leaves_the_rng_alone():
+    import mlx.core as mx
+
+    mx.random.seed(5)
+    before = mx.random.state[0].tolist()
     t_on, t_off = F._time_small_llama_step()
     assert all(math.isfinite(t) and t > 0 for t in (t_on, t_off))
+    assert mx.random.state[0].tolist() == before  # the run's random numbers do not shift
+
+
+def test_processes_starting_together_measure_once(cache):
+    import threading
+    import time
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.3)
+        return 1.0, 2.0
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(autotune.decide("feature", slow))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True, True, True] and len(calls) == 1
 
 
 def test_config_accepts_auto_and_booleans_only():

@@ -161,7 +161,7 @@ class Trainer:
         eval_loader = self.make_loader(eval_dataset, "eval") if eval_dataset is not None else None
         self.loop = self.build_loop(train_loader, eval_loader)
         self.loop.sync_ranks()  # before prepare(): reference caches and snapshots see rank 0's weights
-        with fast_cpu.fast_cpu_kernels(self.model, self.config.fast_cpu_kernels):
+        with fast_cpu.fast_cpu_kernels(self.model, self._use_fast_kernels(self.loop)):
             self.prepare(train_loader, eval_loader, resuming=resume_from is not None)
             self.model.train()
             try:
@@ -173,10 +173,15 @@ class Trainer:
         """Mean eval metrics of the current model on ``dataset``."""
         loader = self.make_loader(self.as_dataset(dataset), "eval")
         loop = self.build_loop(loader, loader, handle_signals=False)
-        with fast_cpu.fast_cpu_kernels(self.model, self.config.fast_cpu_kernels):
+        with fast_cpu.fast_cpu_kernels(self.model, self._use_fast_kernels(loop)):
             self.prepare(loader, loader, resuming=False)
             loop.callbacks = []
             return loop.evaluate()
+
+    def _use_fast_kernels(self, loop: Loop) -> bool:
+        """The ``fast_cpu_kernels`` setting as a decision; with ``auto`` only rank 0 measures (the
+        kernels change float rounding, so every rank must run the same ones)."""
+        return loop.rank0_choice(fast_cpu.resolve(self.config.fast_cpu_kernels) if loop.rank == 0 else False)
 
     # ------------------------------------------------------------------ checkpoints
     def load_checkpoint(self, path: str | os.PathLike) -> None:
