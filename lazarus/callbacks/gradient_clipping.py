@@ -8,16 +8,24 @@ from mlx.utils import tree_flatten, tree_map
 from lazarus.callbacks.base import Callback
 
 
+#: Tensors up to this size are concatenated and reduced together; larger ones are reduced alone.
+SMALL_TENSOR = 1 << 16
+
+
 def global_norm(grads) -> mx.array:
     """L2 norm of all gradients together, in float32.
 
-    One concatenation and one reduction instead of a square-and-sum per tensor: with LoRA there
-    are hundreds of small tensors and, on the CPU backend, per-op dispatch is what costs."""
+    The small tensors (LoRA has hundreds) are concatenated and reduced at once: on the CPU backend
+    per-op dispatch is what they cost. Each large tensor (full fine-tuning) gets its own
+    square-and-sum, which reads it once; concatenating it too would copy every weight gradient
+    (that copy made full fine-tuning steps ~15% slower)."""
     leaves = [g.reshape(-1).astype(mx.float32) for _, g in tree_flatten(grads)]
-    if not leaves:
-        return mx.array(0.0)
-    flat = mx.concatenate(leaves) if len(leaves) > 1 else leaves[0]
-    return mx.sqrt(mx.sum(flat * flat))
+    small = [g for g in leaves if g.size <= SMALL_TENSOR]
+    parts = [(g * g).sum() for g in leaves if g.size > SMALL_TENSOR]
+    if small:
+        flat = mx.concatenate(small) if len(small) > 1 else small[0]
+        parts.append((flat * flat).sum())
+    return mx.sqrt(sum(parts[1:], parts[0])) if parts else mx.array(0.0)
 
 
 class GradientClipping(Callback):

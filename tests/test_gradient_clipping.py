@@ -1,0 +1,21 @@
+"""Global-norm clipping: the norm over small (concatenated) and large (reduced alone) tensors."""
+
+import mlx.core as mx
+import numpy as np
+
+from lazarus.callbacks import GradientClipping
+from lazarus.callbacks.gradient_clipping import SMALL_TENSOR, global_norm
+
+
+def test_global_norm_mixes_small_and_large_tensors_exactly():
+    keys = mx.random.split(mx.random.key(0), 4)
+    grads = {"lora": [mx.random.normal((8, 64), key=keys[0]), mx.random.normal((64, 8), key=keys[1])],
+             "big": mx.random.normal((SMALL_TENSOR + 7,), key=keys[2]),
+             "huge": mx.random.normal((512, 300), key=keys[3]).astype(mx.bfloat16)}
+    leaves = [np.array(g.astype(mx.float32), dtype=np.float64) for g in
+              (grads["lora"][0], grads["lora"][1], grads["big"], grads["huge"])]
+    expected = np.sqrt(sum((x ** 2).sum() for x in leaves))
+    assert abs(float(global_norm(grads)) - expected) <= 1e-5 * expected
+    assert float(global_norm({})) == 0.0
+    clipped, metrics = GradientClipping(1.0).transform_grads(grads)
+    assert abs(float(global_norm(clipped)) - 1.0) < 1e-2 and abs(float(metrics["grad_norm"]) - expected) < 1e-3 * expected
