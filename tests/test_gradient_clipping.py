@@ -15,7 +15,7 @@ def test_global_norm_mixes_small_and_large_tensors_exactly():
     leaves = [np.array(g.astype(mx.float32), dtype=np.float64) for g in
               (grads["lora"][0], grads["lora"][1], grads["big"], grads["huge"])]
     expected = np.sqrt(sum((x ** 2).sum() for x in leaves))
-    assert abs(float(global_norm(grads)) - expected) <= 1e-5 * expected
+    assert abs(float(global_norm(grads)) - expected) <= 1e-4 * expected  # float32 sums of ~2e5 squares
     assert float(global_norm({})) == 0.0
     clipped, metrics = GradientClipping(1.0).transform_grads(grads)
     assert abs(float(global_norm(clipped)) - 1.0) < 1e-2 and abs(float(metrics["grad_norm"]) - expected) < 1e-3 * expected
