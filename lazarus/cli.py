@@ -8,8 +8,13 @@
 
 A YAML config holds the trainer's config fields (``learning_rate: 1e-5``, ``dpo: {beta: 0.1}``) and
 the run keys listed in :data:`RUN_KEYS` (``model``, ``data``, ``lora``, ``tensorboard`` ...).
-Command-line flags override the YAML. Every user error exits with status 2 and one line on
-stderr; ``LAZARUS_DEBUG=1`` shows the traceback instead.
+Command-line flags override the YAML. ``LAZARUS_DEBUG=1`` shows tracebacks.
+
+Exit status (:data:`EXIT_CODES`): 0 the run finished what it was asked (its steps or epochs, or
+an early-stopping target); 2 a user error, one line on stderr (bad config, data, model, checkpoint,
+a run folder already in use, an unwritable or full disk); 130/143 interrupted by SIGINT/SIGTERM
+after a checkpoint was written (the resume command is printed); 3 stopped by TerminateOnNaN (the
+last finite checkpoint is kept); 1 a bug.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +75,9 @@ RUN_KEYS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 LORA_KEYS = {"rank": "lora_rank", "scale": "lora_scale", "alpha": "lora_alpha", "dropout": "lora_dropout",
              "layers": "lora_layers", "keys": "lora_keys"}
+
+
+EXIT_CODES = {"finished": 0, "bug": 1, "user error": 2, "nan": 3, "SIGINT": 130, "SIGTERM": 143}
 
 
 class CLIError(Exception):
@@ -330,6 +340,7 @@ def build_callbacks(run: dict, output: Path) -> list:
             _check_kwargs("wandb", kwargs, _wandb_init_params())
         else:
             raise CLIError(f"wandb must be true, a project name or a mapping, got {wb!r}")
+        kwargs.setdefault("dir", str(output))  # wandb's default is ./wandb, outside the run folder
         cbs.append(WandbLogger(**kwargs))
     es = run.get("early_stopping")
     if es:
@@ -410,12 +421,104 @@ def resolve_train_config(args) -> tuple[str, dict, Any, Any, Any]:
 def _write_run_files(output: Path, run: dict, config) -> None:
     import yaml
 
-    output.mkdir(parents=True, exist_ok=True)
+    from lazarus.checkpointing import atomic_write_text
+
     # `resume` belongs to one invocation: rerunning the saved config starts afresh unless --resume is given
     doc = {k: v for k, v in run.items() if v is not None and not k.startswith("_") and k != "resume"}
     derived = run.get("_derived", [])
     doc.update({k: v for k, v in config.model_dump().items() if k not in derived})
-    (output / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    atomic_write_text(output / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+
+def _run_files_callback(output: Path, run: dict, config):
+    """Writes config.yaml at fit start: after a resume was checked against its checkpoint (a
+    refused resume must not rewrite it), so the file always states what actually ran."""
+    from lazarus.callbacks import Callback
+
+    class RunFiles(Callback):
+        order = 95
+
+        def on_fit_start(self, state):
+            if state.is_main_process:
+                _write_run_files(output, run, config)
+
+    return RunFiles()
+
+
+def _visible_files(d: Path) -> list[str]:
+    """Files under ``d`` (relative paths) except hidden ones (the lock, temporary files)."""
+    if not d.is_dir():
+        return []
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _clear_run_folder(folder: Path, keep: Path) -> None:
+    """Delete everything in ``folder`` except the lock file of the checkpoint folder ``keep``."""
+    from lazarus.checkpointing import LOCK_NAME
+
+    for p in folder.iterdir():
+        if p.is_symlink() or not p.is_dir():
+            if not (p.name == LOCK_NAME and p.parent.resolve() == keep.resolve()):
+                p.unlink()
+        elif _inside(keep, p):  # the checkpoint folder is p or lies within it: keep its lock
+            _clear_run_folder(p, keep)
+        else:
+            shutil.rmtree(p)
+
+
+def prepare_output(output: Path, config, run: dict, overwrite: bool):
+    """Make sure this run never mixes with, or deletes, another one; returns the held lock.
+
+    A run folder holding files is refused unless ``--resume`` continues a checkpoint of that
+    folder, or ``--overwrite`` clears it (only when it is a Lazarus run folder). The checkpoint
+    folder's lock is taken first: it refuses a folder another run is writing, and proves the
+    folder writable before any model is loaded."""
+    from lazarus import checkpointing as ckpt
+
+    ckdir = Path(config.checkpoint_dir)
+    lock = ckpt.FolderLock(ckdir).acquire()
+    try:
+        used = _visible_files(output) + [str(ckdir / f) for f in _visible_files(ckdir) if not _inside(ckdir, output)]
+        resume = run.get("resume")
+        if not used:
+            return lock
+        if resume and (_inside(Path(resume), output) or _inside(Path(resume), ckdir)):
+            return lock  # continuing this folder's own run
+        if resume and not overwrite:
+            raise CLIError(f"{output} already holds another run; to continue {resume} choose an empty --output "
+                           f"(or pass --overwrite to replace what is in {output})")
+        if overwrite:
+            if not ((output / "config.yaml").exists() or ckpt.list_checkpoints(ckdir)):
+                raise CLIError(f"{output} is not empty and is not a Lazarus run folder (no config.yaml or checkpoints): "
+                               "--overwrite only clears run folders; choose another --output")
+            for folder in (output, ckdir):
+                if folder.is_dir():
+                    _clear_run_folder(folder, ckdir)
+            return lock
+        names = ckpt.list_checkpoints(ckdir)
+        steps = [n for n in names if n.startswith("step_")]
+        hint = f"--resume {ckdir / (steps[-1] if steps else names[-1])} to continue it, " if names else ""
+        top = sorted({u.split(os.sep)[0] + ("/" if os.sep in u else "") for u in used})
+        raise CLIError(f"{output} already holds a run ({', '.join(top)}); pass {hint}--overwrite to replace it, "
+                       "or choose another --output")
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _rank() -> int:
+    import mlx.core as mx
+
+    return mx.distributed.init().rank() if mx.distributed.is_available() else 0
 
 
 def cmd_train(args) -> int:
@@ -431,28 +534,62 @@ def cmd_train(args) -> int:
     for key in ("data", "eval_data", "resume"):
         _path_value(run, key)
     callbacks = build_callbacks(run, output)
-    adapter_path = _path_value(run, "adapter_path")
-    model, tok = load_model(_path_value(run, "model"), adapter_path=adapter_path, seed=config.seed, **lk)
-    train_ds, eval_ds = _datasets(paradigm, run, config, tok)
-    _write_run_files(output, run, config)
+    main_process = _rank() == 0
+    lock = prepare_output(output, config, run, args.overwrite) if main_process else None
+    try:
+        adapter_path = _path_value(run, "adapter_path")
+        model, tok = load_model(_path_value(run, "model"), adapter_path=adapter_path, seed=config.seed, **lk)
+        train_ds, eval_ds = _datasets(paradigm, run, config, tok, model)
+        callbacks.append(_run_files_callback(output, run, config))
 
-    if paradigm == "sft":
-        trainer = trainer_cls(model, tok, config, callbacks=callbacks)
-    elif paradigm == "dpo":
-        ref = _load_reference(run, load_model)
-        trainer = trainer_cls(model, ref, tok, config, callbacks=callbacks)
-    else:
-        kwargs = {"reference_model": _load_reference(run, load_model)} if run.get("reference_model") else {}
-        weights = run.get("reward_weights")
-        if weights is not None:
-            kwargs["reward_weights"] = weights if isinstance(weights, list) else [weights]
-        trainer = trainer_cls(model, tok, config, reward_fn=rewards, callbacks=callbacks, **kwargs)
+        if paradigm == "sft":
+            trainer = trainer_cls(model, tok, config, callbacks=callbacks)
+        elif paradigm == "dpo":
+            ref = _load_reference(run, load_model)
+            trainer = trainer_cls(model, ref, tok, config, callbacks=callbacks)
+        else:
+            kwargs = {"reference_model": _load_reference(run, load_model)} if run.get("reference_model") else {}
+            weights = run.get("reward_weights")
+            if weights is not None:
+                kwargs["reward_weights"] = weights if isinstance(weights, list) else [weights]
+            trainer = trainer_cls(model, tok, config, reward_fn=rewards, callbacks=callbacks, **kwargs)
 
-    resume = _path_value(run, "resume")
-    result = trainer.train(train_ds, eval_dataset=eval_ds, resume_from=resume)
-    (output / "history.json").write_text(json.dumps(result.history, indent=1))
-    _print_summary(paradigm, run, result, trainer, lk)
+        resume = _path_value(run, "resume")
+        result = trainer.train(train_ds, eval_dataset=eval_ds, resume_from=resume,
+                               allow_data_change=args.allow_data_change)
+        if main_process:
+            from lazarus.checkpointing import atomic_write_text
+
+            atomic_write_text(output / "history.json", json.dumps(result.history, indent=1))
+            _print_summary(paradigm, run, result, trainer, lk)
+    finally:
+        if lock is not None:
+            lock.release()
+    return _exit_code(paradigm, run, result, main_process)
+
+
+def _exit_code(paradigm: str, run: dict, result, main_process: bool) -> int:
+    """0 only when the run did what it was asked; a signal or a divergence says so (see EXIT_CODES)."""
+    st = result.state
+    reason = result.stop_reason or ""
+    if st.extras.get("terminated_on_nan"):
+        if main_process:
+            print(f"lazarus: stopped: {reason}. Lower learning_rate (or raise warmup_steps) and start again",
+                  file=sys.stderr)
+        return EXIT_CODES["nan"]
+    for sig in ("SIGINT", "SIGTERM"):
+        if reason == f"interrupted by {sig}":
+            last = st.extras.get("last_checkpoint")
+            if main_process:
+                again = (f"; resume with: {_resume_command(paradigm, run, last)}" if last
+                         else "; no checkpoint was written")
+                print(f"lazarus: interrupted by {sig} after step {st.step}{again}", file=sys.stderr)
+            return EXIT_CODES[sig]
     return 0
+
+
+def _resume_command(paradigm: str, run: dict, checkpoint) -> str:
+    return f"lazarus train {paradigm} --config {Path(run['output']) / 'config.yaml'} --resume {checkpoint}"
 
 
 def _load_reference(run, load_model):
@@ -463,10 +600,13 @@ def _load_reference(run, load_model):
     return model
 
 
-def _datasets(paradigm: str, run: dict, config, tok):
+def _datasets(paradigm: str, run: dict, config, tok, model=None):
     from lazarus.data import PreferenceDataset, PromptDataset, SFTDataset
+    from lazarus.models.loading import context_length
 
-    common = {"max_length": config.max_length, "system_prompt": run.get("system_prompt")}
+    # No max_length means the model's context: one oversized line must never reach the model
+    common = {"max_length": config.max_length or (context_length(model) if model is not None else None),
+              "system_prompt": run.get("system_prompt")}
 
     def make(path):
         if path is None:
@@ -481,6 +621,10 @@ def _datasets(paradigm: str, run: dict, config, tok):
 
 
 def _print_summary(paradigm, run, result, trainer, lk) -> None:
+    """What happened, and where everything went (checkpoints, logs) with the commands to use it."""
+    from lazarus.callbacks import TensorBoardLogger, WandbLogger
+    from lazarus.checkpointing import list_checkpoints
+
     st = result.state
     train_rows = [h for h in result.history if "loss" in h]
     eval_rows = [h for h in result.history if any(k.startswith("eval/") for k in h)]
@@ -493,12 +637,24 @@ def _print_summary(paradigm, run, result, trainer, lk) -> None:
         last = eval_rows[-1]
         print("  last eval metrics:  " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step"))
     ckdir = result.checkpoint_dir
-    if ckdir and Path(ckdir).exists():
-        names = sorted(p.name for p in Path(ckdir).glob("*.safetensors") if ".state." not in p.name)
+    names = list_checkpoints(ckdir) if ckdir else []
+    if names:
         print(f"  checkpoints: {ckdir} ({', '.join(names)})")
         if lk.get("use_lora") and (Path(ckdir) / "adapters.safetensors").exists():
             print(f"  adapters: mlx_lm.generate --model {run['model']} --adapter-path {ckdir} --prompt '...'")
+    for cb in trainer.callbacks:
+        if isinstance(cb, TensorBoardLogger):
+            print(f"  tensorboard: {cb.log_dir} (view: tensorboard --logdir {cb.log_dir})")
+        elif isinstance(cb, WandbLogger) and (cb.url or cb.run_dir):
+            if cb.url:
+                print(f"  wandb: {cb.url}")
+            else:
+                offline = Path(cb.run_dir).parent
+                print(f"  wandb: {offline} (offline; upload: wandb sync {offline})")
     print(f"  run files: {run['output']}/config.yaml, {run['output']}/history.json")
+    last = st.extras.get("last_checkpoint")
+    if (result.stop_reason or "").startswith("interrupted by") and last:
+        print(f"  resume: {_resume_command(paradigm, run, last)}")
 
 
 # =============================================================================== other commands
@@ -625,6 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
         tp.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps (YAML: max_steps)")
         tp.add_argument("--lora", action="store_true", help="train LoRA adapters (YAML: lora: true)")
         tp.add_argument("--resume", metavar="PATH", help="resume from a checkpoint file (YAML: resume)")
+        tp.add_argument("--overwrite", action="store_true",
+                        help="clear the run folder first when it holds an earlier run (default: refuse)")
+        tp.add_argument("--allow-data-change", action="store_true",
+                        help="with --resume: accept training data that differs from the checkpoint's")
         tp.add_argument("--tensorboard", metavar="DIR", help="log to TensorBoard in DIR (YAML: tensorboard)")
         tp.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", default=[],
                         help="set any config key, e.g. --set learning_rate=3e-4 --set dpo.beta=0.2 (repeatable)")
@@ -686,27 +846,42 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.print_help(sys.stderr)
         return 2
-    if os.environ.get("LAZARUS_DEBUG"):
-        return args.func(args)
+    # transformers warns about long token sequences that the datasets truncate anyway
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("lazarus: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the CLI's promise: one line, no traceback
-        code, msg = classify_error(e)
-        print(f"lazarus: error: {_one_line(msg)}", file=sys.stderr)
-        return code
+        if os.environ.get("LAZARUS_DEBUG"):
+            return args.func(args)
+        try:
+            return args.func(args)
+        except KeyboardInterrupt as e:  # a second signal during training, or Ctrl-C before it
+            sig = "SIGTERM" if str(e) == "SIGTERM" else "SIGINT"
+            print(f"lazarus: interrupted by {sig}", file=sys.stderr)
+            return EXIT_CODES[sig]
+        except Exception as e:  # noqa: BLE001 - the CLI's promise: one line, no traceback
+            code, msg = classify_error(e)
+            print(f"lazarus: error: {_one_line(msg)}", file=sys.stderr)
+            return code
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, like errors."""
+    print(f"lazarus: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
 
 
 def classify_error(e: BaseException) -> tuple[int, str]:
     """Exit status and message: 2 for user errors (bad input, files, config), 1 otherwise."""
     from pydantic import ValidationError
 
-    from lazarus.checkpointing import CheckpointError
+    from lazarus.checkpointing import CheckpointError, NonFiniteError
     from lazarus.data import DataError
     from lazarus.models import ModelLoadError
 
+    if isinstance(e, NonFiniteError):
+        return EXIT_CODES["nan"], f"stopped: {e}"
     if isinstance(e, CLIError):
         return 2, str(e)
     if isinstance(e, DataError):

@@ -51,6 +51,13 @@ def array_part(batch: dict) -> dict:
 
 
 _JOIN = "_lazarus_streams_join"  # not a metric: popped by the Loop before anything reads metrics
+_FINITE = "_lazarus_weights_finite"  # not a metric either: 1 when every updated trainable weight is finite
+
+
+def all_finite(tree) -> mx.array:
+    """A scalar bool: every floating-point leaf of ``tree`` is free of NaN and inf (lazy)."""
+    leaves = [v for _, v in tree_flatten(tree) if mx.issubdtype(v.dtype, mx.floating)]
+    return mx.stack([mx.isfinite(v).all() for v in leaves]).all() if leaves else mx.array(True)
 
 
 def _listed(batch):
@@ -297,6 +304,13 @@ class Loop:
         value_and_grad = nn.value_and_grad(model, self.compute_loss)
         distributed = self.group is not None
         streams = self.streams
+        # A step that leaves a weight NaN/inf must be caught at that step (a later loss may not show it:
+        # e.g. embedding rows unused by the next batch), so when a callback can skip steps the compiled
+        # step also reports whether the updated weights are finite: one read of them, no extra sync.
+        check_finite = any(getattr(cb, "may_skip_steps", False) for cb in self.callbacks)
+
+        def finite_flag():
+            return {_FINITE: all_finite(model.trainable_parameters())} if check_finite else {}
 
         def weighted_sums(shards):
             """Sum over the shards of (loss, metrics, grads) times each shard's loss_weight, and
@@ -334,12 +348,12 @@ class Loop:
                     metrics[_JOIN] = join
             grads, extra = self._grad_transforms(grads)
             optimizer.update(model, grads)
-            return loss, {**metrics, **extra}
+            return loss, {**metrics, **extra, **finite_flag()}
 
         def apply(grads):
             grads, extra = self._grad_transforms(grads)
             optimizer.update(model, grads)
-            return extra
+            return {**extra, **finite_flag()}
 
         def evaluate(batch):
             loss, metrics = self.eval_loss(model, batch)
@@ -394,6 +408,8 @@ class Loop:
                 if st.skip_reason is None:
                     metrics.update(self._steps["apply"](grads))
             mx.eval(loss, metrics, self.model.state, self.optimizer.state)
+        finite = metrics.pop(_FINITE, None)
+        st.weights_finite = None if finite is None else bool(finite.item())
         values = {"loss": loss.item()}
         values.update({k: v.item() for k, v in metrics.items()})
         st.lr = float(self.optimizer.learning_rate.item()) if "learning_rate" in self.optimizer.state else 0.0
@@ -603,8 +619,16 @@ class Loop:
         done = threading.Event()
         self._heartbeat = time.monotonic()
 
+        launcher = int(os.environ.get("LAZARUS_LAUNCHER_PID", "0") or 0)
+        parent = os.getppid()
+
         def watch():
             while not done.wait(1.0):
+                if (launcher and not _alive(launcher)) or os.getppid() != parent:
+                    # the launcher (or the process that started this rank) is gone: nobody will stop
+                    # this rank any more, so it must not outlive them as an orphan
+                    print(f"[lazarus] rank {self.rank}: the launcher exited; aborting.", file=sys.stderr, flush=True)
+                    os._exit(1)
                 idle = time.monotonic() - self._heartbeat
                 if idle > self.distributed_timeout:
                     print(f"[lazarus] rank {self.rank}: no progress for {idle:.0f}s (limit "
@@ -652,6 +676,7 @@ class Loop:
             "batch_in_epoch": st.batch_in_epoch, "tokens_seen": st.tokens_seen,
             "epoch_open": self._epoch_open, "history": st.history, "world_size": self.world_size,
             "stop_reason": None,
+            "config": _config_dict(st.config),
             "rng": {"python": _to_jsonable(random.getstate()),
                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_dict()},
@@ -684,11 +709,18 @@ class Loop:
         self.check_ranks_agree()
         if self.rank != 0:
             return None
+        bad = ckpt.first_non_finite({**weights, **{k: v for k, v in arrays.items() if k.startswith("optimizer.")}})
+        if bad is not None:  # never save what cannot be trained on; the files already there stay as they are
+            last = self.state.extras.get("last_checkpoint")
+            raise ckpt.NonFiniteError(
+                f"refusing to write {path}: {bad} holds NaN or inf after step {self.state.step} (the run diverged; "
+                f"lower the learning rate). Last good checkpoint: {last or 'none written'}")
         return ckpt.write_checkpoint(path, weights, arrays, doc)
 
     def load_resume_state(self, path) -> None:
         st = self.state
         weights, arrays, doc = ckpt.read_checkpoint(path)
+        check_same_config(path, doc.get("config"), st.config)
         ckpt.check_compatible(path, weights, self.trainable_weights())
         self.model.load_weights(list(weights.items()), strict=False)
         for k, v in arrays.items():
@@ -724,6 +756,51 @@ class Loop:
             t_arrays = {k[len("trainer."):]: v for k, v in arrays.items() if k.startswith("trainer.")}
             trainer.load_resume_state(t_arrays, doc.get("trainer", {}))
         st.extras["resumed_from"] = str(path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, counts as gone on Linux)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _config_dict(config) -> dict | None:
+    dump = getattr(config, "model_dump", None)
+    return dump(mode="json") if dump is not None else None
+
+
+def check_same_config(path, saved: dict | None, config) -> None:
+    """Refuse to resume with settings that change the trajectory (``learning_rate``, ``batch_size``,
+    ``dpo.beta`` ...): the resumed run would silently differ from what its checkpoint and its
+    config.yaml say. Fields in the config class's ``RESUME_MAY_CHANGE`` (how long to train, what
+    to write, how fast to compute) may differ."""
+    now = _config_dict(config)
+    if saved is None or now is None:
+        return
+    allowed = getattr(config, "RESUME_MAY_CHANGE", frozenset())
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(saved), flat(now)
+    changed = [k for k in new if k in old and k not in allowed and old[k] != new[k]]
+    if changed:
+        diffs = "; ".join(f"{k} is {new[k]!r} now but {old[k]!r} in the checkpoint" for k in changed)
+        raise ckpt.CheckpointError(
+            f"{path}: resuming would silently change the run: {diffs}. Resume with the checkpoint's settings "
+            "(its run folder's config.yaml), or start a new run")
 
 
 def _to_jsonable(x):

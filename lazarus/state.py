@@ -35,6 +35,7 @@ class State:
     logged: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     lr: float = 0.0
+    weights_finite: bool | None = None  # after the step that just ended (None: not checked, see TerminateOnNaN)
     grads: Any = None  # only at before_optimizer_step
     batch: Any = None  # the batch of the current step (rollout batch for RL; first shard with cpu_streams > 1)
     rank: int = 0

@@ -2,10 +2,12 @@
 
 usage: distributed_sft.py MODEL_DIR DATA OUT_DIR MAX_STEPS [--resume PATH] [--stop-at N] [--fail-rank R]
                           [--no-seed] [--perturb-per-rank] [--desync-at N] [--checkpoint-interval N]
+                          [--step-sleep S]
 Writes OUT_DIR/result_rank{R}.json with the losses, a digest of the weights at the end and one at
 every checkpoint. --no-seed leaves MLX's clock-seeded RNG alone; --perturb-per-rank gives each
 rank different starting weights (as a clock-seeded init would); --desync-at N changes rank 1's
-weights after step N (the next checkpoint must refuse to go on).
+weights after step N (the next checkpoint must refuse to go on). --step-sleep S slows every step
+down and writes OUT_DIR/pid_rank{R} after the first one (for tests that kill a rank).
 """
 
 import argparse
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 
 import lazarus  # noqa: F401
 import mlx.core as mx
@@ -59,12 +62,24 @@ class StopOrFail(Callback):
             state.request_stop("stop for test")
 
 
+class Pace(Callback):
+    def __init__(self, sleep, out):
+        self.sleep, self.out = sleep, out
+
+    def on_step_end(self, state):
+        if state.step == 0:
+            with open(os.path.join(self.out, f"pid_rank{state.rank}"), "w") as f:
+                f.write(str(os.getpid()))
+        time.sleep(self.sleep)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model"), ap.add_argument("data"), ap.add_argument("out"), ap.add_argument("max_steps", type=int)
     ap.add_argument("--resume"), ap.add_argument("--stop-at", type=int), ap.add_argument("--fail-rank", type=int)
     ap.add_argument("--no-seed", action="store_true"), ap.add_argument("--perturb-per-rank", action="store_true")
     ap.add_argument("--desync-at", type=int), ap.add_argument("--checkpoint-interval", type=int)
+    ap.add_argument("--step-sleep", type=float)
     args = ap.parse_args()
     rank = mx.distributed.init().rank()
     # per-rank output folders, so the test can check that only rank 0 wrote anything
@@ -83,6 +98,8 @@ def main():
                     compile=not os.environ.get("NOCOMPILE"))
     recorder = RecordDigests(args.desync_at)
     cbs = [StopOrFail(args.stop_at, args.fail_rank), TensorBoardLogger(os.path.join(out, "tb")), recorder]
+    if args.step_sleep:
+        cbs.append(Pace(args.step_sleep, args.out))
     result = SFTTrainer(model, tok, cfg, callbacks=cbs).train(ds, resume_from=args.resume)
     weights = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
     with open(os.path.join(args.out, f"result_rank{rank}.json"), "w") as f:

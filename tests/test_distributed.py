@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,61 @@ def test_cli_lora_ranks_are_identical_without_a_seed(tiny_dir, data):
     assert r0["rc"] == r1["rc"] == 0
     assert set(r0["digests"]) >= {"step_2", "step_4", "final"}
     assert r0["digests"] == r1["digests"]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a killed process not yet reaped by its parent is a zombie: it runs no more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _group_alive(pgid):
+    """Whether any live process is in process group ``pgid`` (Linux /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _start_slow_job(tiny_dir, data, out):
+    out.mkdir()
+    cmd = [sys.executable, "-m", "lazarus.launch", "-n", "2", str(SCRIPT), str(tiny_dir), str(data / "train.jsonl"),
+           str(out), "100000", "--step-sleep", "0.2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not all((out / f"pid_rank{r}").exists() for r in (0, 1)):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    time.sleep(0.5)  # the pid file is written before the file is closed; and let a step or two pass
+    return proc, [int((out / f"pid_rank{r}").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("victim", ["rank", "launcher"])
+def test_a_killed_rank_or_launcher_ends_the_whole_job(tiny_dir, data, victim):
+    """kill -9 of one rank: the launcher ends the other within seconds and exits non-zero.
+    kill -9 of the launcher: no rank survives it (each rank's watchdog sees the launcher gone)."""
+    proc, pids = _start_slow_job(tiny_dir, data, data / f"kill_{victim}")
+    job = os.getpgid(pids[0])  # mlx.launch and the ranks: the launcher gives them a group of their own
+    t0 = time.time()
+    if victim == "rank":
+        os.kill(pids[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert "distributed run failed" in err and "rank 1" in err
+    else:
+        proc.kill()
+        proc.wait()
+    while _group_alive(job) and time.time() - t0 < 60:
+        time.sleep(0.2)
+    assert time.time() - t0 < 60
+    assert not any(_alive(p) for p in pids), "a rank survived"
+    assert not _group_alive(job), "mlx.launch survived"

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
+import warnings
 from pathlib import Path
+
+from mlx.utils import tree_flatten
 
 from lazarus import checkpointing as ckpt
 from lazarus.callbacks.base import Callback
@@ -22,6 +26,13 @@ class Checkpoint(Callback):
     evaluation), else the training ``loss`` (its latest interval average, judged at every
     periodic checkpoint). ``keep_last`` keeps only the newest N
     ``step_N`` files. Runs after the callbacks that decide what is best (order 90).
+
+    Safety (see docs/checkpoints.md, "What Lazarus promises"): at fit start rank 0 takes the
+    folder's lock (a second run writing there is refused), which also proves the folder is
+    writable before step 1; it removes temporary and orphaned files left by a killed write and
+    refuses to start when the disk cannot hold one checkpoint. ``keep_last`` only ever deletes
+    ``step_N`` files this run wrote (the list is part of the resume state), never another run's.
+    Nothing is written after TerminateOnNaN stopped the run.
     """
 
     order = 90
@@ -43,21 +54,49 @@ class Checkpoint(Callback):
         self.best_value: float | None = None
         self.best_step: int | None = None
         self.last_saved_step: int | None = None
+        self.written: list[str] = []  # step_N files this run wrote, oldest first: the only ones keep_last prunes
+        self._lock: ckpt.FolderLock | None = None
 
     # --- helpers ---
     def _write(self, state, name: str):
+        if state.extras.get("terminated_on_nan"):
+            return None  # the last good checkpoint stays the newest one
         path = state.loop.save_checkpoint(self.dir / f"{name}.safetensors")
         trainer = state.trainer
         if state.is_main_process and trainer is not None and hasattr(trainer, "save_adapters"):
             trainer.save_adapters(self.dir)
+        if path is not None and name.startswith("step_"):  # what a resume command should name
+            state.extras["last_checkpoint"] = str(path)
         return path
 
-    def _prune(self) -> None:
-        if self.keep_last is None or not self.dir.exists():
-            return
-        steps = sorted((int(m.group(1)), p) for p in self.dir.iterdir() if (m := _STEP_RE.match(p.name)))
-        for _, p in steps[: max(0, len(steps) - self.keep_last)]:
-            ckpt.remove_checkpoint(p)
+    def _prune(self, doomed: list[str]) -> None:
+        """Delete step files this run wrote and keep_last no longer keeps; each resolved inside
+        the folder (remove_checkpoint also refuses a state-file name that points elsewhere)."""
+        root = self.dir.resolve()
+        for name in doomed:
+            p = (self.dir / name).resolve()
+            if p.parent == root and _STEP_RE.match(p.name):
+                ckpt.remove_checkpoint(p)
+
+    def _release(self, state=None) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _prepare_folder(self, state) -> None:
+        """Lock, clean and size-check the folder before the first step (rank 0)."""
+        self._lock = ckpt.FolderLock(self.dir).acquire()
+        ckpt.clean_folder(self.dir)
+        need = sum(v.nbytes for v in state.loop.trainable_weights().values())
+        need += sum(v.nbytes for _, v in tree_flatten(state.optimizer.state))
+        free = shutil.disk_usage(self.dir).free
+        if free < need:
+            raise ckpt.CheckpointError(f"cannot write checkpoints to {self.dir}: no space left on device "
+                                       f"({free / 1e6:.1f} MB free, one checkpoint needs about {need / 1e6:.1f} MB)")
+        existing = ckpt.list_checkpoints(self.dir)
+        if existing and "resumed_from" not in state.extras:
+            warnings.warn(f"{self.dir} already holds checkpoints of another run ({', '.join(existing)}): files of "
+                          "the same name will be replaced; keep_last deletes only this run's files", stacklevel=3)
 
     # --- events ---
     def on_fit_start(self, state) -> None:
@@ -66,6 +105,8 @@ class Checkpoint(Callback):
         if self.mode == "auto":
             self.mode = infer_mode(self.monitor)
         state.loop.checkpoint_dir = str(self.dir)
+        if state.is_main_process:
+            self._prepare_folder(state)
 
     def on_step_end(self, state) -> None:
         # state.step is incremented after step_end, so the step being finished is step + 1
@@ -73,12 +114,17 @@ class Checkpoint(Callback):
             state.request_checkpoint()
 
     def on_checkpoint(self, state) -> None:
-        if self.last_saved_step == state.step:
+        if self.last_saved_step == state.step or state.extras.get("terminated_on_nan"):
             return
         self.last_saved_step = state.step
-        self._write(state, f"step_{state.step}")
+        name = f"step_{state.step}.safetensors"
+        self.written = [n for n in self.written if n != name] + [name]
+        doomed = []
+        if self.keep_last is not None and len(self.written) > self.keep_last:
+            doomed, self.written = self.written[: -self.keep_last], self.written[-self.keep_last:]
+        self._write(state, f"step_{state.step}")  # its resume state already lists what stays
         if state.is_main_process:
-            self._prune()
+            self._prune(doomed)
         if not is_eval_metric(self.monitor):
             # A training metric is judged when weights are written anyway: writing `best` at every
             # improving log would cost a full-weights save every few steps early in training.
@@ -104,9 +150,13 @@ class Checkpoint(Callback):
     def on_fit_end(self, state) -> None:
         if self.save_final:
             self._write(state, "final")
+        self._release()
+
+    on_exception = _release
 
     def state_dict(self):
-        return {"best_value": self.best_value, "best_step": self.best_step}
+        return {"best_value": self.best_value, "best_step": self.best_step, "written": list(self.written)}
 
     def load_state_dict(self, d):
         self.best_value, self.best_step = d["best_value"], d["best_step"]
+        self.written = list(d.get("written", []))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import mlx.core as mx
 
@@ -56,6 +57,9 @@ class LRSchedule(Callback):
             self.base_lr = float(state.optimizer.learning_rate.item())
         if self.total_steps is None:
             self.total_steps = state.planned_steps
+        if state.step == 0 and self.warmup_steps and self.total_steps and self.warmup_steps >= self.total_steps:
+            warnings.warn(f"warmup_steps={self.warmup_steps} is not below the {self.total_steps} planned steps: the "
+                          f"learning rate never reaches {self.base_lr:g} (lower warmup_steps)", stacklevel=2)
         # MLX optimizers evaluate schedulers from their step counter inside `update`.
         state.optimizer._maybe_schedule("learning_rate", self.lr_at)
 

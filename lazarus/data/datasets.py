@@ -6,15 +6,19 @@ the field, raised before training starts (the whole file is validated up front).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".ndjson")
+#: A text longer than ``max_length * CHARS_PER_TOKEN_BOUND`` characters is cut to that many before
+#: tokenizing: it cannot fit anyway, and tokenizing a multi-megabyte line would take seconds.
+CHARS_PER_TOKEN_BOUND = 64
 
 
 class DataError(ValueError):
@@ -38,18 +42,27 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise DataError(path, None, None, f"unsupported file type '{path.suffix}'; expected JSON Lines (.jsonl)")
     records, errors = [], []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+        raw = raw[3:]
+    # Split on newline bytes only: JSON strings may hold U+2028 and friends, which str.splitlines
+    # would treat as line breaks.
+    for n, data in enumerate(raw.split(b"\n"), start=1):
         try:
-            lines = f.read().splitlines()
+            line = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(path, None, None, f"not UTF-8 text ({e})") from None
-    for n, line in enumerate(lines, start=1):
+            errors.append(DataError(path, n, None, f"not UTF-8 text (byte 0x{data[e.start]:02x} at byte "
+                                                   f"{e.start + 1} of the line)"))
+            continue
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             errors.append(DataError(path, n, None, f"malformed JSON ({e.msg} at column {e.colno})"))
+            continue
+        except RecursionError:
+            errors.append(DataError(path, n, None, "malformed JSON (nested too deeply)"))
             continue
         if not isinstance(rec, dict):
             errors.append(DataError(path, n, None, f"expected a JSON object, got {type(rec).__name__}"))
@@ -105,12 +118,19 @@ class _Tokenizing:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else self.eos_id
 
+    def _cut(self, text: str) -> str:
+        """``text`` cut to what can possibly fit in ``max_length`` tokens (see CHARS_PER_TOKEN_BOUND)."""
+        limit = self.max_length * CHARS_PER_TOKEN_BOUND if self.max_length else None
+        return text if limit is None or len(text) <= limit else text[:limit]
+
     def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
         tok = self.tokenizer
         if isinstance(prompt, list):  # chat messages
-            msgs = prompt
+            msgs = [dict(m, content=self._cut(m["content"])) for m in prompt]
+            self._prompt_cut = any(m["content"] != c["content"] for m, c in zip(prompt, msgs))
         else:
-            msgs = [{"role": "user", "content": prompt}]
+            msgs = [{"role": "user", "content": self._cut(prompt)}]
+            self._prompt_cut = len(msgs[0]["content"]) < len(prompt)
         if self.system_prompt and (not msgs or msgs[0]["role"] != "system"):
             msgs = [{"role": "system", "content": self.system_prompt}] + msgs
         if self.use_chat_template:
@@ -120,13 +140,60 @@ class _Tokenizing:
         return list(tok.encode(text, add_special_tokens=True))
 
     def encode_response(self, response: str) -> list[int]:
-        return list(self.tokenizer.encode(response, add_special_tokens=False)) + [self.eos_id]
+        cut = self._cut(response)
+        ids = list(self.tokenizer.encode(cut, add_special_tokens=False))
+        # A response cut before tokenizing gets no EOS: it did not end there.
+        return ids if len(cut) < len(response) else ids + [self.eos_id]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the tokenized examples (line numbers aside): resuming on other data of the
+        same size is detected with it. Computed once."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256()
+            for e in self.examples:
+                for f in fields(e):
+                    if f.name == "line":
+                        continue
+                    v = getattr(e, f.name)
+                    if isinstance(v, list) and (not v or isinstance(v[0], int)):
+                        h.update(b"L%d:" % len(v) + np.asarray(v, dtype=np.int64).tobytes())
+                    else:
+                        h.update(json.dumps(v, sort_keys=True, default=str).encode() + b"\x00")
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    _limit_source = ""
+    _prompt_cut = False  # the last encode_prompt cut its text (the token count is then a lower bound)
+
+    def _too_long(self, n, field, prompt_len: int):
+        size = f"more than {prompt_len}" if self._prompt_cut else f"{prompt_len}"
+        return DataError(self.path, n, field, f"prompt alone is {size} tokens, which reaches "
+                                              f"max_length={self.max_length}{self._limit_source}")
+
+    def limit_length(self, max_length: int, why: str = "") -> None:
+        """Apply ``max_length`` to a dataset built without one (the trainer passes the model's
+        context): the same rules as at construction, on the tokenized examples. ``why`` is
+        added to messages (e.g. " (the model's context)")."""
+        if self.max_length is not None:
+            return
+        self.max_length, self._limit_source = max_length, why
+        before = (getattr(self, "num_truncated", 0), getattr(self, "num_dropped", 0))
+        self.examples = [e for e in _validate_all(self.path, [(e.line, e) for e in self.examples], self._refit)
+                         if e is not None]
+        self._fingerprint = None
+        after = (getattr(self, "num_truncated", 0), getattr(self, "num_dropped", 0))
+        if after != before:
+            warnings.warn(f"{self.path}: {after[0] - before[0]} examples truncated and {after[1] - before[1]} "
+                          f"dropped to max_length={max_length}{why}", stacklevel=2)
+        if not self.examples:
+            raise DataError(self.path, None, None, f"no usable examples after applying max_length={max_length}")
 
 
 @dataclass
 class SFTExample:
     ids: list[int]
     prompt_len: int
+    line: int | None = None  # 1-based line in the source file, for messages
 
 
 class SFTDataset(_Tokenizing):
@@ -135,7 +202,9 @@ class SFTDataset(_Tokenizing):
     Prompts go through the tokenizer's chat template when it has one
     (``use_chat_template=False`` turns this off). Each response ends with EOS. Examples
     longer than ``max_length`` are truncated (``truncation="truncate"``, counted and warned)
-    or dropped (``"drop"``); a prompt that alone reaches ``max_length`` is an error.
+    or dropped (``"drop"``); a prompt that alone reaches ``max_length`` is an error. Trainers
+    apply the model's context (``max_position_embeddings``) when ``max_length`` is None, so no
+    input line can make a batch too long for the model (see :meth:`limit_length`).
     """
 
     def __init__(self, path, tokenizer, *, max_length: int | None = None, mask_prompt: bool = True,
@@ -168,6 +237,8 @@ class SFTDataset(_Tokenizing):
                     raise DataError(self.path, n, f"messages[{i}]", "must be an object with string 'role' and 'content'")
             if msgs[-1]["role"] != "assistant":
                 raise DataError(self.path, n, "messages", "the last message must have role 'assistant'")
+            if not msgs[-1]["content"].strip():
+                raise DataError(self.path, n, f"messages[{len(msgs) - 1}].content", "is empty")
             prompt: Any = msgs[:-1]
             response = msgs[-1]["content"]
             prompt_field = "messages"
@@ -175,19 +246,22 @@ class SFTDataset(_Tokenizing):
             prompt = _require_str(self.path, n, rec, "prompt")
             response = _require_str(self.path, n, rec, "response")
             prompt_field = "prompt"
-        p = self.encode_prompt(prompt)
-        r = self.encode_response(response)
+        return self._fit(n, prompt_field, self.encode_prompt(prompt), self.encode_response(response))
+
+    def _fit(self, n, field, p, r) -> SFTExample | None:
         if self.max_length is not None:
             if len(p) >= self.max_length:
-                raise DataError(self.path, n, prompt_field,
-                                f"prompt alone is {len(p)} tokens, which reaches max_length={self.max_length}")
-            if len(p) + len(r) > self.max_length:
+                raise self._too_long(n, field, len(p))
+            if len(p) + len(r) > self.max_length or (r and r[-1] != self.eos_id):
                 if self.truncation == "drop":
                     self.num_dropped += 1
                     return None
                 self.num_truncated += 1
                 r = r[: self.max_length - len(p)]
-        return SFTExample(p + r, len(p))
+        return SFTExample(p + r, len(p), n)
+
+    def _refit(self, n, e: SFTExample) -> SFTExample | None:
+        return self._fit(n, None, e.ids[: e.prompt_len], e.ids[e.prompt_len:])
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -222,6 +296,7 @@ class PreferenceExample:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    line: int | None = None
 
 
 class PreferenceDataset(_Tokenizing):
@@ -248,20 +323,25 @@ class PreferenceDataset(_Tokenizing):
         prompt = _require_str(self.path, n, rec, "prompt")
         chosen = _require_str(self.path, n, rec, "chosen")
         rejected = _require_str(self.path, n, rec, "rejected")
-        p = self.encode_prompt(prompt)
-        c, r = self.encode_response(chosen), self.encode_response(rejected)
+        return self._fit(n, "prompt", self.encode_prompt(prompt), self.encode_response(chosen),
+                         self.encode_response(rejected))
+
+    def _fit(self, n, field, p, c, r) -> PreferenceExample | None:
         if self.max_length is not None:
             if len(p) >= self.max_length:
-                raise DataError(self.path, n, "prompt",
-                                f"prompt alone is {len(p)} tokens, which reaches max_length={self.max_length}")
+                raise self._too_long(n, field, len(p))
             room = self.max_length - len(p)
-            if len(c) > room or len(r) > room:
+            cut = any(x and x[-1] != self.eos_id for x in (c, r))
+            if len(c) > room or len(r) > room or cut:
                 if self.truncation == "drop":
                     self.num_dropped += 1
                     return None
                 self.num_truncated += 1
                 c, r = c[:room], r[:room]
-        return PreferenceExample(p, c, r)
+        return PreferenceExample(p, c, r, n)
+
+    def _refit(self, n, e: PreferenceExample) -> PreferenceExample | None:
+        return self._fit(n, None, e.prompt, e.chosen, e.rejected)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -298,6 +378,7 @@ class PromptExample:
     prompt: str
     ids: list[int]
     columns: dict
+    line: int | None = None
 
 
 class PromptDataset(_Tokenizing):
@@ -315,11 +396,13 @@ class PromptDataset(_Tokenizing):
 
     def _encode_record(self, n, rec):
         prompt = _require_str(self.path, n, rec, "prompt")
-        ids = self.encode_prompt(prompt)
-        if self.max_length is not None and len(ids) >= self.max_length:
-            raise DataError(self.path, n, "prompt",
-                            f"prompt alone is {len(ids)} tokens, which reaches max_length={self.max_length}")
-        return PromptExample(prompt, ids, {k: v for k, v in rec.items() if k != "prompt"})
+        return self._refit(n, PromptExample(prompt, self.encode_prompt(prompt),
+                                            {k: v for k, v in rec.items() if k != "prompt"}, n), "prompt")
+
+    def _refit(self, n, e: PromptExample, field=None) -> PromptExample:
+        if self.max_length is not None and len(e.ids) >= self.max_length:
+            raise self._too_long(n, field, len(e.ids))
+        return e
 
     def __len__(self) -> int:
         return len(self.examples)

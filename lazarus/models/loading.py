@@ -13,6 +13,31 @@ class ModelLoadError(ValueError):
     """The model folder is missing, incomplete, or cannot be fetched."""
 
 
+#: A model folder is data, never code: tokenizers and architectures that need Python files from
+#: the folder are refused (transformers would otherwise ask "run custom code? [y/N]" in a terminal).
+_NO_REMOTE_CODE = {"trust_remote_code": False}
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings`` or the
+    architecture's equivalent in its mlx-lm args), or None when it does not say."""
+    args = getattr(model, "args", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length",
+                "n_ctx"):
+        value = getattr(args, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return value
+    return None
+
+
+def _load_error(where: str, e: Exception) -> ModelLoadError:
+    text = str(e)
+    if "trust_remote_code" in text or "custom code" in text or "custom module" in text:
+        return ModelLoadError(f"{where} needs to run Python code from the model folder (a custom tokenizer or "
+                              "architecture); Lazarus never runs code from model folders")
+    return ModelLoadError(f"cannot load model from {where}: {type(e).__name__}: {text.splitlines()[0] if text else ''}")
+
+
 def load_model(path: str | os.PathLike, use_lora: bool = False, *, lora_rank: int = 8,
                lora_scale: float | None = None, lora_alpha: float | None = None, lora_dropout: float = 0.0,
                lora_layers: int = -1, lora_keys: list[str] | None = None,
@@ -47,7 +72,7 @@ def _load(path, use_lora, lora_rank, lora_scale, lora_alpha, lora_dropout, lora_
             raise ModelLoadError(f"model folder not found: {name}. Pass a local Hugging Face/MLX model "
                                  "folder (or run `lazarus init-model DIR` for the tiny offline model)")
         try:
-            model, tokenizer = mlx_load(name)
+            model, tokenizer = mlx_load(name, tokenizer_config=dict(_NO_REMOTE_CODE), trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - network errors come in many types
             raise ModelLoadError(f"{name!r} is not a local folder and could not be fetched from the "
                                  f"Hugging Face hub ({type(e).__name__}: {e}). Download it and pass the "
@@ -58,9 +83,9 @@ def _load(path, use_lora, lora_rank, lora_scale, lora_alpha, lora_dropout, lora_
         if not list(p.glob("*.safetensors")):
             raise ModelLoadError(f"{p} has no *.safetensors weights")
         try:
-            model, tokenizer = mlx_load(str(p))
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            raise ModelLoadError(f"cannot load model from {p}: {e}") from e
+            model, tokenizer = mlx_load(str(p), tokenizer_config=dict(_NO_REMOTE_CODE), trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - a truncated or malformed file fails in many ways (e.g. RuntimeError)
+            raise _load_error(str(p), e) from None
     if lora_alpha is not None and lora_scale is None:
         lora_scale = lora_alpha / lora_rank
     if adapter_path is not None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from lazarus import checkpointing as ckpt
 from lazarus.callbacks import (Callback, Checkpoint, GradientClipping, LRSchedule, ProgressBar,
@@ -17,6 +19,7 @@ from lazarus.callbacks import (Callback, Checkpoint, GradientClipping, LRSchedul
 from lazarus.data import DataLoader
 from lazarus.loop import Loop, TrainResult
 from lazarus.models import fast_cpu
+from lazarus.models.loading import context_length
 from lazarus.models.lora import lora_settings, save_adapters
 
 
@@ -33,10 +36,39 @@ def logps_from_logits(logits, targets, temperature: float = 1.0):
     return picked - fast_cpu.log_normalizer(logits)
 
 
-class TrainerConfig(BaseModel):
+def _admits_bool(annotation) -> bool:
+    if annotation is bool:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_admits_bool(a) for a in typing.get_args(annotation))
+    return False
+
+
+class StrictConfig(BaseModel):
+    """Base of every config: an unknown field, a boolean where a number is expected (pydantic
+    would read ``batch_size: true`` as 1) and NaN/inf numbers (``learning_rate: .inf``) are
+    errors naming the field, instead of a run that silently does something else."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_non_bool(cls, value, info: ValidationInfo):
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if isinstance(value, bool) and field is not None and not _admits_bool(field.annotation):
+            raise ValueError("true/false is not a valid value here")
+        return value
+
+
+class TrainerConfig(StrictConfig):
     """Fields shared by every trainer. Unknown or invalid fields are errors naming the field."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    #: Fields a resumed run may set differently from its checkpoint: they change how long the run
+    #: goes, what it writes and how fast it computes, not the trajectory. Any other difference is
+    #: refused on resume (see Loop.load_resume_state).
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({
+        "num_epochs", "max_steps", "checkpoint_interval", "checkpoint_dir", "keep_last", "log_interval",
+        "eval_interval", "compile", "grad_checkpoint", "cpu_streams", "fast_cpu_kernels"})
 
     num_epochs: int = Field(3, ge=1, description="Passes over the training data (ignored when max_steps is set)")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps")
@@ -51,9 +83,11 @@ class TrainerConfig(BaseModel):
     checkpoint_dir: str = Field("checkpoints", description="Where step_N/best/final.safetensors go")
     keep_last: int | None = Field(None, ge=1, description="Keep only the newest N step_N checkpoints")
     log_interval: int = Field(10, ge=1, description="Steps between logged (averaged) metrics")
-    eval_interval: int | None = Field(None, ge=1, description="Steps between evaluations (needs an eval set)")
+    eval_interval: int | None = Field(None, ge=1, description="Steps between evaluations of the eval set; "
+                                         "None: after every epoch and at the end")
     seed: int = Field(0, description="Seeds data order, MLX, NumPy and Python RNGs")
-    max_length: int | None = Field(None, ge=2, description="Token limit when the trainer builds datasets from paths")
+    max_length: int | None = Field(None, ge=2, description="Token limit per example (None: the model's context, "
+                                   "max_position_embeddings)")
     compile: bool = Field(True, description="mx.compile the training step")
     grad_checkpoint: bool = Field(False, description="Recompute block activations in backward (less memory)")
     cpu_streams: int | None = Field(None, ge=1, description="On MLX's CPU backend, split each batch into this many "
@@ -116,12 +150,25 @@ class Trainer:
         return {}
 
     # ------------------------------------------------------------------ data
+    def max_length(self) -> int | None:
+        """Token limit of one example: ``config.max_length``, else the model's context. Without a
+        limit, one oversized line makes a batch the model cannot hold (MLX then dies natively)."""
+        return self.config.max_length or context_length(self.model)
+
     def as_dataset(self, data):
         if isinstance(data, (str, os.PathLike)):
             if self.dataset_class is None:
                 raise TypeError(f"{type(self).__name__} needs a dataset object, not a path")
-            return self.dataset_class(data, self.tokenizer, max_length=self.config.max_length)
+            return self.dataset_class(data, self.tokenizer, max_length=self.max_length())
         return data
+
+    def _fit_to_context(self, dataset) -> None:
+        """A dataset built without max_length gets the model's context applied (truncation warned,
+        a prompt that cannot fit is a DataError naming its line)."""
+        limit = context_length(self.model)
+        if dataset is not None and limit and getattr(dataset, "max_length", 0) is None \
+                and hasattr(dataset, "limit_length"):
+            dataset.limit_length(limit, " (the model's context, max_position_embeddings)")
 
     def collate_fn(self, dataset, split: str):
         return dataset.collate
@@ -152,12 +199,17 @@ class Trainer:
                     log_interval=c.log_interval, eval_interval=c.eval_interval, seed=c.seed, trainer=self,
                     config=c, compile=c.compile, cpu_streams=c.cpu_streams, **kwargs)
 
-    def train(self, dataset, eval_dataset=None, resume_from: str | os.PathLike | None = None) -> TrainResult:
+    def train(self, dataset, eval_dataset=None, resume_from: str | os.PathLike | None = None,
+              allow_data_change: bool = False) -> TrainResult:
         """Train on ``dataset`` (a dataset object or a JSONL path); returns a TrainResult with
-        ``history``, ``stop_reason`` and ``checkpoint_dir``."""
+        ``history``, ``stop_reason`` and ``checkpoint_dir``. Resuming on training data whose
+        tokens differ from the checkpoint's is refused unless ``allow_data_change``."""
         dataset = self.as_dataset(dataset)
         eval_dataset = self.as_dataset(eval_dataset) if eval_dataset is not None else None
+        self._fit_to_context(dataset)
+        self._fit_to_context(eval_dataset)
         train_loader = self.make_loader(dataset, "train")
+        train_loader.allow_data_change = allow_data_change
         eval_loader = self.make_loader(eval_dataset, "eval") if eval_dataset is not None else None
         self.loop = self.build_loop(train_loader, eval_loader)
         self.loop.sync_ranks()  # before prepare(): reference caches and snapshots see rank 0's weights

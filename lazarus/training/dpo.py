@@ -8,20 +8,19 @@ from typing import Literal
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from lazarus import _blas
 from lazarus.callbacks import EarlyStopping
 from lazarus.data import PreferenceDataset
 from lazarus.data.batching import DataLoader
 from lazarus.models.lora import adapters_disabled, lora_settings
-from lazarus.training.base import Trainer, TrainerConfig, token_logps
+from lazarus.training.base import StrictConfig, Trainer, TrainerConfig, token_logps
 
 
-class DPOConfig(BaseModel):
+class DPOConfig(StrictConfig):
     """The DPO objective. ``beta`` scales the implicit reward (KL strength)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     beta: float = Field(0.1, gt=0, description="KL penalty coefficient")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed label noise "
@@ -98,7 +97,7 @@ class DPOTrainer(Trainer):
     def as_dataset(self, data):
         if data is None or hasattr(data, "collate"):
             return data
-        return PreferenceDataset(data, self.tokenizer, max_length=self.config.max_length)
+        return PreferenceDataset(data, self.tokenizer, max_length=self.max_length())
 
     # ---- reference cache -------------------------------------------------------------
     def collate_fn(self, dataset, split):

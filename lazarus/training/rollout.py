@@ -324,7 +324,7 @@ class OnlineRLTrainer(Trainer):
         """Optimizer steps (batches) that one rollout produces."""
         return 1
 
-    def train(self, dataset, eval_dataset=None, resume_from=None):
+    def train(self, dataset, eval_dataset=None, resume_from=None, allow_data_change: bool = False):
         from lazarus.callbacks import Checkpoint
 
         dataset = self.as_dataset(dataset)
@@ -338,7 +338,7 @@ class OnlineRLTrainer(Trainer):
             ckpt_cb.mode = "max"
         if self._needs_snapshot():  # prepare() takes it (after the ranks are synchronised); a resumed
             self._ref_params = None  # run gets the snapshot saved in its checkpoint instead
-        return super().train(dataset, eval_dataset, resume_from)
+        return super().train(dataset, eval_dataset, resume_from, allow_data_change)
 
     def build_loop(self, train_loader, eval_loader=None, **kwargs):
         kwargs.setdefault("rollout", self.rollout)
@@ -348,7 +348,7 @@ class OnlineRLTrainer(Trainer):
     def as_dataset(self, data):
         if data is None or hasattr(data, "collate"):
             return data
-        return PromptDataset(data, self.tokenizer, max_length=self.config.max_length)
+        return PromptDataset(data, self.tokenizer, max_length=self.max_length())
 
     def make_loader(self, dataset, split: str = "train") -> DataLoader:
         c = self.config

@@ -34,7 +34,7 @@ class SFTTrainer(Trainer):
             return data
         if data is None or hasattr(data, "collate"):
             return data
-        return SFTDataset(data, self.tokenizer, **self.config.dataset_kwargs())
+        return SFTDataset(data, self.tokenizer, **dict(self.config.dataset_kwargs(), max_length=self.max_length()))
 
     def compute_loss(self, model, batch):
         logps = token_logps(model, batch["inputs"], batch["targets"])
