@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
 	@$(MAKE) --no-print-directory blas
+	@$(VENV)/bin/python -m lazarus_blas_hook install >/dev/null  # fast BLAS whatever a script imports first
 	@touch $(STAMP)
 
 # Linux CPU fast path: MLX's wheel links a reference BLAS; an OpenBLAS makes matmul ~30x faster.

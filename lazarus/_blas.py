@@ -106,7 +106,8 @@ def enable() -> str | None:
         cuda = getattr(getattr(mx, "cuda", None), "is_available", lambda: False)()
         if choice or not (cuda or os.environ.get("LAZARUS_QUIET_BLAS")):
             warnings.warn("mlx.core was imported before lazarus, so MLX's CPU matmul keeps its slow reference "
-                          "BLAS (~30x slower); `import lazarus` before `import mlx.core` for the fast path",
+                          "BLAS (~30x slower). Fix for every script: `python -m lazarus_blas_hook install` (a "
+                          "start-up hook; `make` installs it), or `import lazarus` before `import mlx.core`",
                           stacklevel=3)
         return None
     if choice:

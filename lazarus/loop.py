@@ -175,6 +175,10 @@ class Loop:
         self.accum = grad_accumulation_steps
         self.log_interval = max(1, int(log_interval))
         self.eval_interval = eval_interval
+        # An eval set without eval_interval is evaluated after every epoch and once at the end (if
+        # the run stopped mid-epoch), so `best` and `eval/...` metrics exist without extra settings.
+        self._evaluates_per_epoch = eval_data is not None and not eval_interval
+        self._last_eval_step: int | None = None
         self.seed = seed
         self.use_compile = compile
         self.handle_signals = handle_signals
@@ -484,6 +488,7 @@ class Loop:
         mx.eval(totals, wsum)
         st.eval_metrics = {k: (v / wsum).item() for k, v in totals.items()}
         st.history.append({"step": st.step, **{f"eval/{k}": v for k, v in st.eval_metrics.items()}})
+        self._last_eval_step = st.step
         self.emit("eval_end")
         return st.eval_metrics
 
@@ -545,6 +550,8 @@ class Loop:
             self._run()
             if self._sum_count:
                 self._log()
+            if self._evaluates_per_epoch and self._last_eval_step != st.step and self._signal is None:
+                self.evaluate()  # the end of a run that stopped mid-epoch (max_steps, early stop)
             self.emit("fit_end")
         except BaseException as e:
             st.extras["exception"] = e
@@ -607,6 +614,8 @@ class Loop:
                     st.eval_requested = False
                     self.evaluate()
             if self._epoch_exhausted():
+                if self._evaluates_per_epoch and self._last_eval_step != st.step:
+                    self.evaluate()
                 self.emit("epoch_end")
                 st.epoch += 1
                 st.batch_in_epoch = 0

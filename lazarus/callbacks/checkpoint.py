@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 
 from lazarus import checkpointing as ckpt
 from lazarus.callbacks.base import Callback
-from lazarus.callbacks.early_stopping import infer_mode, is_eval_metric
+from lazarus.callbacks.monitor import Monitor, infer_mode, is_eval_metric
 
 _STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
 
@@ -24,7 +24,8 @@ class Checkpoint(Callback):
 
     ``monitor`` defaults to ``eval/loss`` when the run has eval data (judged after every
     evaluation), else the training ``loss`` (its latest interval average, judged at every
-    periodic checkpoint). ``keep_last`` keeps only the newest N
+    periodic checkpoint); one that the run never logs warns once, listing the metrics that exist
+    (``strict=True`` raises). ``keep_last`` keeps only the newest N
     ``step_N`` files. Runs after the callbacks that decide what is best (order 90).
 
     Safety (see docs/checkpoints.md, "What Lazarus promises"): at fit start rank 0 takes the
@@ -39,7 +40,7 @@ class Checkpoint(Callback):
 
     def __init__(self, dir: str = "checkpoints", interval: int | None = 500, monitor: str | None = None,
                  mode: str = "auto", keep_last: int | None = None, save_best: bool = True,
-                 save_final: bool = True):
+                 save_final: bool = True, strict: bool = False):
         if interval is not None and interval < 1:
             raise ValueError("Checkpoint interval must be >= 1 (or None to disable)")
         if keep_last is not None and keep_last < 1:
@@ -51,6 +52,8 @@ class Checkpoint(Callback):
         self.keep_last = keep_last
         self.save_best = save_best
         self.save_final = save_final
+        self.strict = strict
+        self._monitor: Monitor | None = None
         self.best_value: float | None = None
         self.best_step: int | None = None
         self.last_saved_step: int | None = None
@@ -104,6 +107,7 @@ class Checkpoint(Callback):
             self.monitor = "eval/loss" if state.loop.eval_data is not None else "loss"
         if self.mode == "auto":
             self.mode = infer_mode(self.monitor)
+        self._monitor = Monitor(self.monitor, "Checkpoint", self.strict)
         state.loop.checkpoint_dir = str(self.dir)
         if state.is_main_process:
             self._prepare_folder(state)
@@ -133,7 +137,7 @@ class Checkpoint(Callback):
     def _maybe_best(self, state) -> None:
         if not self.save_best:
             return
-        value = state.get_metric(self.monitor)
+        value = self._monitor.value(state)
         if value is None or not math.isfinite(value):
             return
         better = (self.best_value is None or (value < self.best_value if self.mode == "min"

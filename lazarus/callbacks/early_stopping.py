@@ -5,18 +5,9 @@ from __future__ import annotations
 import math
 
 from lazarus.callbacks.base import Callback
+from lazarus.callbacks.monitor import Monitor, infer_mode, is_eval_metric
 
-_MAX_HINTS = ("acc", "reward", "margin", "score")
 _UNSET = object()
-
-
-def infer_mode(metric: str) -> str:
-    """``max`` for accuracies, rewards and margins; ``min`` for everything else (losses)."""
-    return "max" if any(h in metric for h in _MAX_HINTS) else "min"
-
-
-def is_eval_metric(name: str) -> bool:
-    return name.startswith("eval/") or name.startswith("eval_")
 
 
 class EarlyStopping(Callback):
@@ -26,14 +17,15 @@ class EarlyStopping(Callback):
     ``EarlyStopping(target_reward_margin=2.0)`` is DPO's shorthand for monitoring
     ``rewards/margins`` (mode ``max``) with a threshold of 2.0.
     Eval metrics (``eval/...``) are checked after each evaluation; training metrics after
-    each log (their interval averages).
+    each log (their interval averages). A ``monitor`` the run never logs warns once, listing
+    the metrics that exist (``strict=True`` raises instead).
     """
 
     order = 50
 
     def __init__(self, monitor: str | None = None, mode: str = "auto", patience=_UNSET,
                  min_delta: float = 0.0, stopping_threshold: float | None = None,
-                 target_reward_margin: float | None = None):
+                 target_reward_margin: float | None = None, strict: bool = False):
         if target_reward_margin is not None:
             monitor = monitor or "rewards/margins"
             stopping_threshold = target_reward_margin
@@ -49,6 +41,8 @@ class EarlyStopping(Callback):
         self.target_reward_margin = target_reward_margin
         self.best: float | None = None
         self.wait = 0
+        self.strict = strict
+        self._monitor: Monitor | None = None
 
     def _improved(self, value: float) -> bool:
         if self.best is None:
@@ -58,7 +52,9 @@ class EarlyStopping(Callback):
         return value > self.best + self.min_delta
 
     def _check(self, state) -> None:
-        value = state.get_metric(self.monitor)
+        if self._monitor is None or self._monitor.name != self.monitor:
+            self._monitor = Monitor(self.monitor, "EarlyStopping", self.strict)
+        value = self._monitor.value(state)
         if value is None or not math.isfinite(value):
             return
         if self.stopping_threshold is not None:
