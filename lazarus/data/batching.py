@@ -36,6 +36,8 @@ class DataLoader:
         self.pad_multiple = pad_multiple
         self.collate_fn = collate_fn or dataset.collate
         self.rank, self.world_size = 0, 1
+        #: resume on data whose size or tokens differ from the checkpoint's (``--allow-data-change``)
+        self.allow_data_change = False
         self._lengths = np.asarray(dataset.lengths()) if hasattr(dataset, "lengths") else None
         self._cache: dict[int, list[np.ndarray]] = {}
 
@@ -109,11 +111,27 @@ class DataLoader:
         return pad / total if total else 0.0
 
     def state_dict(self) -> dict:
+        fingerprint = getattr(self.dataset, "fingerprint", None)
         return {"seed": self.seed, "batch_size": self.batch_size, "num_examples": len(self.dataset),
-                "shuffle": self.shuffle, "bucket": self.bucket}
+                "shuffle": self.shuffle, "bucket": self.bucket,
+                "fingerprint": fingerprint() if callable(fingerprint) else None}
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        """Refuse to resume on another data setup: order settings always; the examples (their count,
+        and the hash of their tokens, so other data of the same size is caught too) unless
+        ``allow_data_change``."""
         mine = self.state_dict()
-        diffs = [f"{k}: checkpoint {state[k]!r} vs now {mine[k]!r}" for k in mine if k in state and state[k] != mine[k]]
+        data_keys = ("num_examples", "fingerprint")
+        diffs = [f"{k}: checkpoint {state[k]!r} vs now {mine[k]!r}" for k in mine
+                 if k not in data_keys and k in state and state[k] != mine[k]]
         if diffs:
             raise ValueError(f"{source}: cannot resume exactly, the data setup changed ({'; '.join(diffs)})")
+        if self.allow_data_change:
+            return
+        if state.get("num_examples", mine["num_examples"]) != mine["num_examples"]:
+            raise ValueError(f"{source}: the training data changed: {state['num_examples']} examples in the "
+                             f"checkpoint, {mine['num_examples']} now; pass --allow-data-change "
+                             "(allow_data_change=True) to resume on the new data")
+        if state.get("fingerprint") and mine["fingerprint"] and state["fingerprint"] != mine["fingerprint"]:
+            raise ValueError(f"{source}: the training data changed since the checkpoint (same number of examples, "
+                             "different tokens); pass --allow-data-change (allow_data_change=True) to resume on it")
