@@ -180,10 +180,21 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
             p.unlink()
 
 
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ``__metadata__`` of a safetensors file, from its header only (no tensor is read)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file")
+        header = json.loads(f.read(size))
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def state_file_for(path: Path) -> Path | None:
     try:
-        _, meta = mx.load(str(path), return_metadata=True)
-    except Exception:
+        meta = read_metadata(path)
+    except (OSError, ValueError):
         return None
     return _state_path(Path(path), meta.get("lazarus_state_file"))
 
