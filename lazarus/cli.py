@@ -51,7 +51,8 @@ RUN_KEYS: dict[str, tuple[str, str, tuple[str, ...]]] = {
               tuple(PARADIGMS)),
     "data": ("Training data, JSON Lines", "required", tuple(PARADIGMS)),
     "eval_data": ("Evaluation data, JSON Lines (same format as data)", "None", tuple(PARADIGMS)),
-    "output": ("Run folder: checkpoints/ (unless checkpoint_dir is set), config.yaml, history.json",
+    "output": ("Run folder: checkpoints/ (unless checkpoint_dir is set), config.yaml, history.json; one that "
+               "holds another run is refused (--resume continues it, --overwrite clears it)",
                "runs/<paradigm>", tuple(PARADIGMS)),
     "lora": ("Train LoRA adapters: true, or {rank: 8, scale: 20.0 | alpha: 16, dropout: 0.0, layers: -1, "
              "keys: [...]}", "false", tuple(PARADIGMS)),
@@ -66,10 +67,11 @@ RUN_KEYS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                       tuple(PARADIGMS)),
     "tensorboard": ("TensorBoard log folder (true: <output>/tb)", "None", tuple(PARADIGMS)),
     "wandb": ("Weights & Biases: true, a project name, or wandb.init arguments {project: ..., name: ...}; "
-              "WANDB_MODE=offline works without an account", "None", tuple(PARADIGMS)),
+              "logs in <output>/wandb; WANDB_MODE=offline works without an account", "None", tuple(PARADIGMS)),
     "early_stopping": ("EarlyStopping arguments {monitor: eval/loss, patience: 3, min_delta: 0.0, "
                        "stopping_threshold: ...}", "None", tuple(PARADIGMS)),
-    "progress_bar": ("Show a progress bar (default: when stderr is a terminal)", "auto", tuple(PARADIGMS)),
+    "progress_bar": ("true: always a bar; false: no progress output; auto: a bar on a terminal, else a plain "
+                     "line every log_interval steps", "auto", tuple(PARADIGMS)),
     "resume": ("Resume exactly from a checkpoint (e.g. <output>/checkpoints/step_500.safetensors)", "None",
                tuple(PARADIGMS)),
 }
