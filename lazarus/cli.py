@@ -582,10 +582,13 @@ def _exit_code(paradigm: str, run: dict, result, main_process: bool) -> int:
     for sig in ("SIGINT", "SIGTERM"):
         if reason == f"interrupted by {sig}":
             last = st.extras.get("last_checkpoint")
-            if main_process:
-                again = (f"; resume with: {_resume_command(paradigm, run, last)}" if last
-                         else "; no checkpoint was written")
-                print(f"lazarus: interrupted by {sig} after step {st.step}{again}", file=sys.stderr)
+            if not main_process:
+                # rank 0 writes the checkpoint after the last collective; a non-zero exit here would make
+                # mlx.launch signal rank 0 again while it writes (rank 0's status tells the truth)
+                return 0
+            again = (f"; resume with: {_resume_command(paradigm, run, last)}" if last
+                     else "; no checkpoint was written")
+            print(f"lazarus: interrupted by {sig} after step {st.step}{again}", file=sys.stderr)
             return EXIT_CODES[sig]
     return 0
 

@@ -8,8 +8,9 @@ its own and guarantees that the job ends and says so:
   ranks ``RANK_FAILURE_GRACE`` seconds and then kills the whole group; it exits 1 with a one-line
   summary whenever a rank exited non-zero or was killed;
 * SIGINT/SIGTERM/SIGHUP sent to the launcher go to every rank (each checkpoints and stops, as in
-  a single process); after ``SIGNAL_GRACE`` seconds whatever is left is killed, and the launcher
-  exits 130/143/129;
+  a single process); mlx.launch itself ignores them, so it keeps relaying the ranks' output and
+  does not cut a checkpoint short; after ``SIGNAL_GRACE`` seconds whatever is left is killed, and
+  the launcher exits 130/143/129;
 * nothing of the group outlives the launcher, and each rank's watchdog (see ``Loop``) ends the
   rank when ``LAZARUS_LAUNCHER_PID`` is gone, which covers a kill -9 of the launcher itself.
 """
@@ -23,11 +24,19 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 _FAILED = re.compile(r"Node with rank (\d+) (exited with code (-?\d+)|was killed)")
 RANK_FAILURE_GRACE = 5.0  # the other ranks cannot progress without the failed one: nothing to wait for
 SIGNAL_GRACE = 60.0  # time for every rank to write its checkpoint after a signal
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Runs mlx.launch with the stop signals ignored. The ranks inherit that until the Loop installs its
+# own handlers (during fit); a signal before that is covered by the SIGNAL_GRACE kill.
+_RUN_IGNORING_SIGNALS = ("import runpy, signal, sys\n"
+                         "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): signal.signal(s, signal.SIG_IGN)\n"
+                         "sys.argv = sys.argv[1:]\n"
+                         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -35,6 +44,14 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _kill_later(pgid: int, seconds: float, done: threading.Event) -> None:
@@ -58,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--python", sys.executable, *argv]
     env = dict(os.environ, LAZARUS_LAUNCHER_PID=str(os.getpid()))
     # Own session = own process group: the whole job (mlx.launch and every rank) can be killed at once.
-    proc = subprocess.Popen([launcher, *argv], stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", _RUN_IGNORING_SIGNALS, launcher, *argv], stdin=subprocess.DEVNULL,
+                            stdout=sys.stdout, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     pgid = proc.pid
     done = threading.Event()
     received: list[int] = []
@@ -70,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         received.append(signum)
         _kill_group(pgid, signum if len(received) == 1 else signal.SIGKILL)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, forward) for s in _STOP_SIGNALS}
     failed = []
     try:
         for line in proc.stderr:
@@ -81,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                     _kill_later(pgid, RANK_FAILURE_GRACE, done)
                 failed.append(f"rank {m.group(1)} {m.group(2)}")
         rc = proc.wait()
+        deadline = time.monotonic() + 5.0
+        while _group_alive(pgid) and time.monotonic() < deadline:  # ranks mlx.launch left behind
+            time.sleep(0.1)
     finally:
         done.set()
         _kill_group(pgid, signal.SIGKILL)  # no rank may outlive the launcher

@@ -167,10 +167,11 @@ def _start_slow_job(tiny_dir, data, out):
     return proc, [int((out / f"pid_rank{r}").read_text()) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("victim", ["rank", "launcher"])
+@pytest.mark.parametrize("victim", ["rank", "launcher", "sigterm"])
 def test_a_killed_rank_or_launcher_ends_the_whole_job(tiny_dir, data, victim):
     """kill -9 of one rank: the launcher ends the other within seconds and exits non-zero.
-    kill -9 of the launcher: no rank survives it (each rank's watchdog sees the launcher gone)."""
+    kill -9 of the launcher: no rank survives it (each rank's watchdog sees the launcher gone).
+    SIGTERM to the launcher: every rank stops at the same step, rank 0 checkpoints, exit 143."""
     proc, pids = _start_slow_job(tiny_dir, data, data / f"kill_{victim}")
     job = os.getpgid(pids[0])  # mlx.launch and the ranks: the launcher gives them a group of their own
     t0 = time.time()
@@ -179,9 +180,18 @@ def test_a_killed_rank_or_launcher_ends_the_whole_job(tiny_dir, data, victim):
         _, err = proc.communicate(timeout=60)
         assert proc.returncode != 0
         assert "distributed run failed" in err and "rank 1" in err
-    else:
+    elif victim == "launcher":
         proc.kill()
         proc.wait()
+    else:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, err
+        out = data / f"kill_{victim}"
+        r0, r1 = (json.loads((out / f"result_rank{r}.json").read_text()) for r in (0, 1))
+        assert r0["stop_reason"] == r1["stop_reason"] == "interrupted by SIGTERM"
+        assert r0["losses"] == r1["losses"]
+        assert (out / "rank0" / "ck" / f"step_{len(r0['losses'])}.safetensors").exists()
     while _group_alive(job) and time.time() - t0 < 60:
         time.sleep(0.2)
     assert time.time() - t0 < 60
