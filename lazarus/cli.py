@@ -477,41 +477,45 @@ def _clear_run_folder(folder: Path, keep: Path) -> None:
             shutil.rmtree(p)
 
 
+RUN_MARKER = ".lazarus-run"  # marks a folder as a Lazarus run folder: the only kind --overwrite clears
+
+
 def prepare_output(output: Path, config, run: dict, overwrite: bool):
     """Make sure this run never mixes with, or deletes, another one; returns the held lock.
 
     A run folder holding files is refused unless ``--resume`` continues a checkpoint of that
-    folder, or ``--overwrite`` clears it (only when it is a Lazarus run folder). The checkpoint
-    folder's lock is taken first: it refuses a folder another run is writing, and proves the
-    folder writable before any model is loaded."""
+    folder, or ``--overwrite`` clears it (only a Lazarus run folder: one with the marker file or
+    checkpoints). The checkpoint folder's lock is taken first: it refuses a folder another run
+    is writing, and proves the folder writable before any model is loaded."""
     from lazarus import checkpointing as ckpt
 
     ckdir = Path(config.checkpoint_dir)
     lock = ckpt.FolderLock(ckdir).acquire()
     try:
-        used = _visible_files(output) + [str(ckdir / f) for f in _visible_files(ckdir) if not _inside(ckdir, output)]
+        external = [] if _inside(ckdir, output) else _visible_files(ckdir)
+        used = sorted({f.split(os.sep)[0] + ("/" if os.sep in f else "") for f in _visible_files(output)})
+        used += [f"{ckdir}/"] if external else []
         resume = run.get("resume")
-        if not used:
-            return lock
-        if resume and (_inside(Path(resume), output) or _inside(Path(resume), ckdir)):
-            return lock  # continuing this folder's own run
-        if resume and not overwrite:
-            raise CLIError(f"{output} already holds another run; to continue {resume} choose an empty --output "
-                           f"(or pass --overwrite to replace what is in {output})")
-        if overwrite:
-            if not ((output / "config.yaml").exists() or ckpt.list_checkpoints(ckdir)):
-                raise CLIError(f"{output} is not empty and is not a Lazarus run folder (no config.yaml or checkpoints): "
-                               "--overwrite only clears run folders; choose another --output")
+        own = resume and (_inside(Path(resume), output) or _inside(Path(resume), ckdir))
+        if used and not own:
+            if resume and not overwrite:
+                raise CLIError(f"{output} already holds another run; to continue {resume} choose an empty --output "
+                               f"(or pass --overwrite to replace what is in {output})")
+            if not overwrite:
+                names = ckpt.list_checkpoints(ckdir)
+                steps = [n for n in names if n.startswith("step_")]
+                hint = f"--resume {ckdir / (steps[-1] if steps else names[-1])} to continue it, " if names else ""
+                raise CLIError(f"{output} already holds a run ({', '.join(used)}); pass {hint}--overwrite to replace "
+                               "it, or choose another --output")
+            if not ((output / RUN_MARKER).exists() or ckpt.list_checkpoints(ckdir)):
+                raise CLIError(f"{output} is not empty and is not a Lazarus run folder: --overwrite only clears run "
+                               "folders; choose another --output")
             for folder in (output, ckdir):
                 if folder.is_dir():
                     _clear_run_folder(folder, ckdir)
-            return lock
-        names = ckpt.list_checkpoints(ckdir)
-        steps = [n for n in names if n.startswith("step_")]
-        hint = f"--resume {ckdir / (steps[-1] if steps else names[-1])} to continue it, " if names else ""
-        top = sorted({u.split(os.sep)[0] + ("/" if os.sep in u else "") for u in used})
-        raise CLIError(f"{output} already holds a run ({', '.join(top)}); pass {hint}--overwrite to replace it, "
-                       "or choose another --output")
+        output.mkdir(parents=True, exist_ok=True)
+        (output / RUN_MARKER).touch()
+        return lock
     except BaseException:
         lock.release()
         raise
