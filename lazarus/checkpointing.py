@@ -34,6 +34,7 @@ FORMAT_VERSION = "1"
 LOCK_NAME = ".lazarus.lock"
 _CHECKPOINT_RE = re.compile(r"^(step_\d+|best|final)\.safetensors$")
 _STATE_RE = re.compile(r"^[^/\\]+\.[0-9a-f]{12}\.state\.safetensors$")
+_TEMP_RE = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp(\.safetensors)?$")  # what _tmp_name makes, nothing else
 
 
 class CheckpointError(ValueError):
@@ -292,7 +293,7 @@ def clean_folder(directory: str | os.PathLike) -> list[str]:
             if s is not None:
                 named.add(s.name)
     for p in d.iterdir():
-        temp = p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".tmp.safetensors"))
+        temp = _TEMP_RE.match(p.name) is not None
         orphan = _STATE_RE.match(p.name) is not None and p.name not in named
         if (temp or orphan) and p.is_file():
             try:

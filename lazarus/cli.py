@@ -515,6 +515,7 @@ def prepare_output(output: Path, config, run: dict, overwrite: bool):
                     _clear_run_folder(folder, ckdir)
         output.mkdir(parents=True, exist_ok=True)
         (output / RUN_MARKER).touch()
+        ckpt.clean_folder(output)  # temporary files of a killed config.yaml/history.json write
         return lock
     except BaseException:
         lock.release()
