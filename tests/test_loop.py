@@ -129,9 +129,10 @@ def test_requests_stop_eval_checkpoint(tmp_path):
     result = loop.fit()
     assert result.stop_reason == "enough"
     assert loop.state.step == 3
-    assert rec.events.count("eval_end") == 1 and rec.events.count("checkpoint") == 1
+    # the requested evaluation, and (an eval set without eval_interval) one at the end of the run
+    assert rec.events.count("eval_end") == 2 and rec.events.count("checkpoint") == 1
     assert (tmp_path / "step_2.safetensors").exists()
-    assert any("eval/loss" in h for h in result.history)
+    assert [h["step"] for h in result.history if "eval/loss" in h] == [2, 3]
 
 
 def test_lr_schedule_values_at_chosen_steps():
