@@ -18,6 +18,7 @@ It prints a table of default/off time ratios and exits 1 when any default is mor
 """
 
 import argparse
+import io
 import json
 import random
 import subprocess
@@ -30,7 +31,7 @@ import lazarus  # noqa: F401  (BLAS fast path before mlx.core)
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from lazarus.callbacks import Checkpoint
+from lazarus.callbacks import Checkpoint, ProgressBar
 from lazarus.data import PreferenceDataset, SFTDataset
 from lazarus.models import create_tiny_model, load_model
 from lazarus.training import DPOTrainer, DPOTrainerConfig, SFTConfig, SFTTrainer
@@ -49,6 +50,10 @@ def sft_data(path: Path, n: int = 96) -> Path:
     return path
 
 
+def quiet() -> ProgressBar:
+    return ProgressBar(file=io.StringIO())  # the table is the output, not 60 progress lines
+
+
 def sft_run(model_dir, data, tmp, **overrides):
     def run():
         mx.random.seed(0)
@@ -56,7 +61,7 @@ def sft_run(model_dir, data, tmp, **overrides):
         cfg = SFTConfig(num_epochs=2, batch_size=8, learning_rate=1e-4, warmup_steps=0, log_interval=10 ** 6,
                         checkpoint_interval=None, checkpoint_dir=str(tmp), **overrides)
         trainer = SFTTrainer(model, tok, cfg, callbacks=[Checkpoint(tmp, interval=None, save_best=False,
-                                                                    save_final=False)])
+                                                                    save_final=False), quiet()])
         trainer.make_optimizer = lambda: optim.Adam(learning_rate=1e-4)
         trainer.train(SFTDataset(data, tok))
     return run
@@ -70,7 +75,7 @@ def dpo_run(cls, model_dir, data, tmp):
         cfg = DPOTrainerConfig(num_epochs=3, batch_size=8, learning_rate=1e-4, warmup_steps=0, log_interval=10 ** 6,
                                checkpoint_interval=None, checkpoint_dir=str(tmp), target_reward_margin=None)
         trainer = cls(policy, reference, tok, cfg, callbacks=[Checkpoint(tmp, interval=None, save_best=False,
-                                                                         save_final=False)])
+                                                                         save_final=False), quiet()])
         trainer.train(PreferenceDataset(data, tok))
     return run
 
