@@ -57,14 +57,18 @@ _FINITE = "_lazarus_weights_finite"  # not a metric either: 1 when every updated
 def all_finite(tree) -> mx.array:
     """A scalar bool, lazy: no floating-point leaf of ``tree`` holds NaN or inf.
 
-    One float32 sum per leaf (NaN and inf propagate through a sum) costs half of an
-    ``isfinite(...).all()`` per leaf, which matters inside every training step. A finite
+    A float32 sum (NaN and inf propagate through a sum) costs half of an ``isfinite(...).all()``,
+    which matters inside every training step; small leaves are concatenated into one sum (per-op
+    dispatch is what they cost), large ones summed alone (no copy), as in ``global_norm``. A finite
     sum can only overflow when the weights are around 1e38 / size: diverged anyway."""
-    total = mx.array(0.0)
-    for _, v in tree_flatten(tree):
-        if mx.issubdtype(v.dtype, mx.floating):
-            total = total + (v if v.dtype == mx.float32 else v.astype(mx.float32)).sum()
-    return mx.isfinite(total)
+    from lazarus.callbacks.gradient_clipping import SMALL_TENSOR
+
+    leaves = [v.reshape(-1).astype(mx.float32) for _, v in tree_flatten(tree) if mx.issubdtype(v.dtype, mx.floating)]
+    small = [v for v in leaves if v.size <= SMALL_TENSOR]
+    sums = [v.sum() for v in leaves if v.size > SMALL_TENSOR]
+    if small:
+        sums.append((mx.concatenate(small) if len(small) > 1 else small[0]).sum())
+    return mx.isfinite(sum(sums[1:], sums[0])) if sums else mx.array(True)
 
 
 def _listed(batch):
