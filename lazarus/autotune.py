@@ -51,11 +51,15 @@ def machine_key() -> str:
 
 
 def _read() -> dict:
+    """The cached verdicts; a missing, unreadable or malformed file (or entry) counts as unmeasured."""
     try:
         data = json.loads(cache_file().read_text())
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: {f: v for f, v in features.items() if isinstance(v, dict) and "enabled" in v}
+            for key, features in data.items() if isinstance(features, dict)}
 
 
 def _write(data: dict) -> None:
@@ -63,7 +67,7 @@ def _write(data: dict) -> None:
 
     try:
         atomic_write_text(cache_file(), json.dumps(data, indent=1, sort_keys=True))
-    except OSError:
+    except (OSError, ValueError):  # ValueError: checkpointing's CheckpointError wraps OSError
         pass  # a read-only home still gets the right answer, just measured again next time
 
 

@@ -244,11 +244,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     return weights, arrays, doc
 
 
-def read_state_doc(path: str | os.PathLike) -> dict:
-    """The JSON part of a checkpoint's resume state (for checks before anything is built)."""
-    return read_checkpoint(path)[2]
-
-
 def check_compatible(path, saved: dict, expected: dict) -> None:
     """Raise a CheckpointError naming what differs between saved and expected weights."""
     missing = sorted(set(expected) - set(saved))

@@ -510,9 +510,13 @@ def prepare_output(output: Path, config, run: dict, overwrite: bool):
             if not ((output / RUN_MARKER).exists() or ckpt.list_checkpoints(ckdir)):
                 raise CLIError(f"{output} is not empty and is not a Lazarus run folder: --overwrite only clears run "
                                "folders; choose another --output")
-            for folder in (output, ckdir):
-                if folder.is_dir():
-                    _clear_run_folder(folder, ckdir)
+            if output.is_dir():
+                _clear_run_folder(output, ckdir)
+            if ckdir.is_dir() and not _inside(ckdir, output):  # elsewhere: only what a run writes there
+                for name in ckpt.list_checkpoints(ckdir):
+                    ckpt.remove_checkpoint(ckdir / name)
+                for name in ("adapters.safetensors", "adapter_config.json"):
+                    (ckdir / name).unlink(missing_ok=True)
         output.mkdir(parents=True, exist_ok=True)
         (output / RUN_MARKER).touch()
         ckpt.clean_folder(output)  # temporary files of a killed config.yaml/history.json write

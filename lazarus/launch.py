@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         if not received:
             _kill_later(pgid, SIGNAL_GRACE, done)
         received.append(signum)
-        _kill_group(pgid, signum if len(received) == 1 else signal.SIGKILL)
+        # the ranks handle SIGINT/SIGTERM (checkpoint, then exit); SIGHUP becomes SIGTERM for them
+        forward = signal.SIGTERM if signum == signal.SIGHUP else signum
+        _kill_group(pgid, forward if len(received) == 1 else signal.SIGKILL)
 
     old = {s: signal.signal(s, forward) for s in _STOP_SIGNALS}
     failed = []

@@ -54,6 +54,15 @@ def test_switched_off_or_unreadable_cache(cache, monkeypatch):
     assert autotune.decide("feature", measure) is True and len(calls) == 1
 
 
+def test_an_unwritable_or_malformed_cache_never_stops_a_run(cache, monkeypatch, tmp_path):
+    measure, calls = counting(1.0, 2.0)
+    cache.write_text(json.dumps({autotune.machine_key(): {"feature": "yes", "other": {"no_enabled": 1}}}))
+    assert autotune.decide("feature", measure) is True and len(calls) == 1  # malformed entry = not measured
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LAZARUS_CACHE_DIR", str(tmp_path / "file" / "sub"))  # cannot be created
+    assert autotune.decide("feature", measure) is True and len(calls) == 2  # measured, not cached, no error
+
+
 def test_auto_follows_the_cached_verdict_for_this_machine(cache, tiny):
     model, _ = tiny
     for verdict in (True, False):

@@ -81,6 +81,19 @@ def test_rerun_into_a_used_output_folder_is_refused_and_overwrite_clears_it(tiny
     assert (other / "thesis.txt").read_text() == "precious"
 
 
+def test_overwrite_clears_only_checkpoints_in_a_checkpoint_folder_outside_the_run(tiny_dir, tmp_path, capsys):
+    out, shared = tmp_path / "run", tmp_path / "models"
+    args = ("--max-steps", 2, "--set", "checkpoint_interval=1", "--set", f"checkpoint_dir={shared}")
+    rc, _, err = cli(capsys, *sft(tiny_dir, out, *args))
+    assert rc == 0, err
+    assert "step_1.safetensors" in ckpt.list_checkpoints(shared)
+    (shared / "readme.txt").write_text("other files live here")  # the user keeps other files beside them
+    rc, _, err = cli(capsys, *sft(tiny_dir, out, *args, "--overwrite"))
+    assert rc == 0, err
+    assert (shared / "readme.txt").read_text() == "other files live here"
+    assert set(ckpt.list_checkpoints(shared)) == {f"{n}.safetensors" for n in ("step_1", "step_2", "best", "final")}
+
+
 def regression_loop(callbacks, lr=0.05, **kw):
     from test_loop import Regression, mse
 

@@ -246,7 +246,13 @@ def _time_small_llama_step() -> tuple[float, float]:
     from lazarus import autotune
     from mlx_lm.models import llama
 
-    rng = mx.random.state[0]  # random init below must not shift the run's own random numbers
+    from lazarus.loop import seeded_rng
+
+    with seeded_rng(0):  # the random init below must not shift the run's own random numbers
+        return _time_llama_step(autotune, llama)
+
+
+def _time_llama_step(autotune, llama) -> tuple[float, float]:
     args = llama.ModelArgs(model_type="llama", hidden_size=256, num_hidden_layers=2, intermediate_size=704,
                            num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, vocab_size=1024)
     model = llama.Model(args)
@@ -266,13 +272,8 @@ def _time_small_llama_step() -> tuple[float, float]:
         fast = mx.compile(mx.value_and_grad(loss))
         mx.eval(fast(params, inputs, targets))  # traced with the kernels in place
     plain = mx.compile(mx.value_and_grad(loss))
-    try:
-        return autotune.best_of_alternating(lambda: mx.eval(fast(params, inputs, targets)),
-                                            lambda: mx.eval(plain(params, inputs, targets)))
-    finally:
-        from lazarus.loop import set_mlx_rng_key
-
-        set_mlx_rng_key(rng)
+    return autotune.best_of_alternating(lambda: mx.eval(fast(params, inputs, targets)),
+                                        lambda: mx.eval(plain(params, inputs, targets)))
 
 
 def kernels_pay_off() -> bool:
