@@ -58,17 +58,12 @@ def all_finite(tree) -> mx.array:
     """A scalar bool, lazy: no floating-point leaf of ``tree`` holds NaN or inf.
 
     A float32 sum (NaN and inf propagate through a sum) costs half of an ``isfinite(...).all()``,
-    which matters inside every training step; small leaves are concatenated into one sum (per-op
-    dispatch is what they cost), large ones summed alone (no copy), as in ``global_norm``. A finite
-    sum can only overflow when the weights are around 1e38 / size: diverged anyway."""
-    from lazarus.callbacks.gradient_clipping import SMALL_TENSOR
+    which matters inside every training step (grouped as in ``global_norm``). A finite sum can
+    only overflow when the weights are around 1e38 / size: diverged anyway."""
+    from lazarus.callbacks.gradient_clipping import summed_over_leaves
 
-    leaves = [v.reshape(-1).astype(mx.float32) for _, v in tree_flatten(tree) if mx.issubdtype(v.dtype, mx.floating)]
-    small = [v for v in leaves if v.size <= SMALL_TENSOR]
-    sums = [v.sum() for v in leaves if v.size > SMALL_TENSOR]
-    if small:
-        sums.append((mx.concatenate(small) if len(small) > 1 else small[0]).sum())
-    return mx.isfinite(sum(sums[1:], sums[0])) if sums else mx.array(True)
+    total = summed_over_leaves(tree, lambda v: v)
+    return mx.array(True) if total is None else mx.isfinite(total)
 
 
 def _listed(batch):
