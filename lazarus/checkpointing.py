@@ -139,15 +139,17 @@ def first_non_finite(arrays: dict) -> str | None:
     return next((k for k, good in zip(names, ok) if not good), None)
 
 
-def write_checkpoint(path: str | os.PathLike, weights: dict, state_arrays: dict, state_doc: dict) -> Path:
+def write_checkpoint(path: str | os.PathLike, weights: dict, state_arrays: dict, state_doc: dict,
+                     non_finite_hint: str = "") -> Path:
     """Write a resumable checkpoint whose weights file is ``path`` (``*.safetensors``).
-    Raises :class:`NonFiniteError` (writing nothing) when a weight is NaN or inf."""
+    Raises :class:`NonFiniteError` (writing nothing; the files already there stay as they are)
+    when a weight or optimizer array is NaN or inf; ``non_finite_hint`` ends that message."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
-    bad = first_non_finite(weights)
+    bad = first_non_finite({**weights, **{k: v for k, v in state_arrays.items() if k.startswith("optimizer.")}})
     if bad is not None:
-        raise NonFiniteError(f"refusing to write {path}: weight {bad} is NaN or inf")
+        raise NonFiniteError(f"refusing to write {path}: {bad} holds NaN or inf{non_finite_hint}")
     stem = path.name[: -len(".safetensors")]
     state_name = f"{stem}.{uuid.uuid4().hex[:12]}.state.safetensors"
     atomic_save_safetensors(path.parent / state_name, state_arrays,

@@ -724,13 +724,10 @@ class Loop:
         self.check_ranks_agree()
         if self.rank != 0:
             return None
-        bad = ckpt.first_non_finite({**weights, **{k: v for k, v in arrays.items() if k.startswith("optimizer.")}})
-        if bad is not None:  # never save what cannot be trained on; the files already there stay as they are
-            last = self.state.extras.get("last_checkpoint")
-            raise ckpt.NonFiniteError(
-                f"refusing to write {path}: {bad} holds NaN or inf after step {self.state.step} (the run diverged; "
-                f"lower the learning rate). Last good checkpoint: {last or 'none written'}")
-        return ckpt.write_checkpoint(path, weights, arrays, doc)
+        last = self.state.extras.get("last_checkpoint")
+        return ckpt.write_checkpoint(path, weights, arrays, doc, non_finite_hint=(
+            f" after step {self.state.step} (the run diverged; lower the learning rate). "
+            f"Last good checkpoint: {last or 'none written'}"))
 
     def load_resume_state(self, path) -> None:
         st = self.state

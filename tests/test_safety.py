@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import write_jsonl
+from test_cli import _write
 from lazarus import Loop
 from lazarus import checkpointing as ckpt
 from lazarus.callbacks import Checkpoint, TerminateOnNaN
@@ -226,11 +227,6 @@ USER_ERRORS = {
     "batch_size true": (lambda t, tiny, c: ["--set", "batch_size=true"], "batch_size: Value error, true/false"),
     "learning_rate inf": (lambda t, tiny, c: ["--set", "learning_rate=.inf"], "learning_rate"),
 }
-
-
-def _write(path, text):
-    Path(path).write_text(text)
-    return path
 
 
 @pytest.mark.parametrize("case", list(USER_ERRORS))
