@@ -246,7 +246,7 @@ def _time_small_llama_step() -> tuple[float, float]:
     from lazarus import autotune
     from mlx_lm.models import llama
 
-    from lazarus.loop import seeded_rng
+    from lazarus.rng import seeded_rng
 
     with seeded_rng(0):  # the random init below must not shift the run's own random numbers
         return _time_llama_step(autotune, llama)

@@ -55,7 +55,7 @@ def load_model(path: str | os.PathLike, use_lora: bool = False, *, lora_rank: in
     seeded with ``seed``, not from MLX's clock-seeded global one, so the same call gives the same
     weights in every process and every run; the global RNG state is left as it was.
     """
-    from lazarus.loop import seeded_rng
+    from lazarus.rng import seeded_rng
 
     with seeded_rng(seed):
         return _load(path, use_lora, lora_rank, lora_scale, lora_alpha, lora_dropout, lora_layers, lora_keys,
