@@ -25,7 +25,7 @@ import lazarus  # noqa: F401  (sets up the fast CPU path before mlx is imported)
 
 from lazarus.data import PromptDataset
 from lazarus.models import create_tiny_model, load_model
-from lazarus.training.rollout import answer_accuracy
+from lazarus.training.generation import answer_accuracy
 from lazarus.training import PPOConfig, PPOTrainer, SFTConfig, SFTTrainer, exact_match
 
 DATA = Path(lazarus.__file__).parent / "data" / "examples"

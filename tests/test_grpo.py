@@ -14,7 +14,7 @@ from lazarus.models import load_model
 from conftest import stop_at as stop_callback
 from lazarus.state import State
 from lazarus.training import GRPOConfig, GRPOTrainer, exact_match, group_advantages, grpo_loss, k3_kl
-from lazarus.training.rollout import token_logps
+from lazarus.training.base import token_logps
 
 
 def flat(model):

@@ -119,7 +119,7 @@ def test_ppo_rollout_batches(tiny, tmp_path, examples):
     assert b["log/kl"].item() == pytest.approx(0.0, abs=1e-4)  # policy == reference at the start
     # the first minibatch is scored by the sampling policy: ratio 1 up to float noise
     logits, values = trainer.value_model.logits_and_values(b["inputs"])
-    from lazarus.training.rollout import logps_from_logits
+    from lazarus.training.base import logps_from_logits
     lp = logps_from_logits(logits, b["targets"])
     assert (mx.max(mx.abs(lp - b["old_logps"]) * b["mask"])).item() < 1e-5
     assert (mx.max(mx.abs(values - b["old_values"]) * b["mask"])).item() < 1e-6

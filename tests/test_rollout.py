@@ -6,7 +6,8 @@ import pytest
 
 from lazarus.data import PromptDataset
 from lazarus.training import RewardError, RewardFunctions, exact_match, generate_completions
-from lazarus.training.rollout import pack_sequences, token_logps
+from lazarus.training.base import token_logps
+from lazarus.training.online_rl import pack_sequences
 
 
 def _prompts(tok, examples, n=6):
@@ -111,12 +112,12 @@ def test_reward_function_errors_name_the_function():
 
 
 def test_models_whose_cache_cannot_be_batched_generate_row_by_row(tiny, examples, monkeypatch):
-    from lazarus.training import rollout
+    from lazarus.training import generation
 
     model, tok = tiny
     prompts = _prompts(tok, examples, n=3)
     batched = generate_completions(model, tok, prompts, max_tokens=8, temperature=0.0)
-    monkeypatch.setattr(rollout, "_batch_cache", lambda model, left_padding: None)
+    monkeypatch.setattr(generation, "_batch_cache", lambda model, left_padding: None)
     rows = generate_completions(model, tok, prompts, max_tokens=8, temperature=0.0)
     assert rows.completion_ids == batched.completion_ids and rows.texts == batched.texts
     np.testing.assert_allclose(np.concatenate(rows.logprobs), np.concatenate(batched.logprobs), atol=1e-4)

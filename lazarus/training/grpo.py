@@ -17,37 +17,26 @@ from typing import Literal
 
 import mlx.core as mx
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from lazarus.training.rollout import (OnlineRLConfig, OnlineRLTrainer, masked_mean, pack_sequences,
-                                      split_minibatches, take_rows,
-                                      token_logps, trim_width)
+from lazarus.training.base import token_logps
+from lazarus.training.online_rl import OnlineRLConfig, OnlineRLTrainer, masked_mean, pack_sequences
 
 
 class GRPOConfig(OnlineRLConfig):
-    """GRPO settings. ``batch_size`` is the number of prompts per rollout (global)."""
+    """GRPO settings (the shared ones, and their defaults, in :class:`OnlineRLConfig`).
+    ``batch_size`` is the number of prompts per rollout (global)."""
+
+    paradigm = "GRPO"
 
     group_size: int = Field(4, ge=2, description="Completions sampled per prompt")
-    beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (k3 estimator); 0 needs no reference")
-    clip_epsilon: float = Field(0.2, gt=0, description="Lower (and default upper) ratio clip range")
     clip_epsilon_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO 'clip higher')")
     num_iterations: int = Field(1, ge=1, description="Optimisation passes over each rollout")
-    num_minibatches: int = Field(1, ge=1, description="Optimizer steps per pass (the rollout is split)")
     scale_rewards: bool = Field(True, description="Divide group-centred rewards by the group std")
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
         "dapo", description="Token aggregation: grpo = per-sequence mean, dapo = mean over all tokens, "
                             "dr_grpo = sum / (sequences x max_completion_length)")
     mask_truncated_completions: bool = Field(False, description="Exclude completions without EOS from the loss")
-    # RL-friendly overrides of the shared defaults
-    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (small for RL)")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.grad_accumulation_steps != 1:
-            raise ValueError("grad_accumulation_steps: GRPO takes one optimizer step per rollout minibatch; "
-                             "use num_minibatches / batch_size instead")
-        return self
 
 
 def group_advantages(rewards, group_size: int, scale_rewards: bool = True, eps: float = 1e-4):
@@ -162,16 +151,13 @@ class GRPOTrainer(OnlineRLTrainer):
             # generation batch, all ranks) / ranks, and ranks are averaged with equal weight
             world = self.loop.world_size if self.loop is not None else 1
             normalizer = mx.array(max(self.all_ranks_sum(float(mask.sum())), 1.0) / world)
-        rng = np.random.default_rng([c.seed, state.step, 7])
         batches = []
-        for _ in range(c.num_iterations):
-            for idx in split_minibatches(n, c.num_minibatches, rng):
-                part = trim_width(take_rows(arrays, idx)) if c.num_minibatches > 1 else dict(arrays)
-                if c.loss_type == "dapo":
-                    part.update(loss_normalizer=normalizer, loss_weight=mx.array(1.0))
-                else:  # a mean over this rank's sequences: weighted by their number
-                    part["loss_weight"] = mx.array(float(len(idx)))
-                batches.append({**part, **logs, "num_tokens": int(mask[idx].sum())})
+        for idx, part in self.minibatches(arrays, n, c.num_iterations, state.step, salt=7):
+            if c.loss_type == "dapo":
+                part.update(loss_normalizer=normalizer, loss_weight=mx.array(1.0))
+            else:  # a mean over this rank's sequences: weighted by their number
+                part["loss_weight"] = mx.array(float(len(idx)))
+            batches.append({**part, **logs, "num_tokens": int(mask[idx].sum())})
         self._finish_rollout(t0)
         return batches
 

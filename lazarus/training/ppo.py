@@ -23,38 +23,31 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from lazarus import checkpointing as ckpt
-from lazarus.loop import seeded_rng
-from lazarus.training.rollout import (OnlineRLConfig, OnlineRLTrainer, chunked, eval_mode, logps_from_logits, masked_mean,
-                                      pack_sequences, split_minibatches, take_rows, trim_width)
+from lazarus.rng import seeded_rng
+from lazarus.training.base import logps_from_logits
+from lazarus.training.generation import eval_mode
+from lazarus.training.online_rl import OnlineRLConfig, OnlineRLTrainer, chunked, masked_mean, pack_sequences
 
 
 class PPOConfig(OnlineRLConfig):
-    """PPO settings. ``batch_size`` is the number of prompts per rollout (global)."""
+    """PPO settings (the shared ones, and their defaults, in :class:`OnlineRLConfig`).
+    ``batch_size`` is the number of prompts per rollout (global)."""
 
-    group_size: int = Field(1, ge=1, description="Completions sampled per prompt")
+    paradigm = "PPO"
+
     beta: float = Field(0.05, ge=0, description="Per-token KL penalty in the reward; 0 needs no reference")
     value_clip_epsilon: float = Field(0.2, gt=0, description="Value clip range around the rollout's values")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient")
     ppo_epochs: int = Field(4, ge=1, description="Optimisation passes over each rollout")
-    num_minibatches: int = Field(1, ge=1, description="Optimizer steps per pass (the rollout is split)")
     whiten_advantages: bool = Field(True, description="Normalise advantages over the rollout's tokens")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of "
                                                                       "completions that hit the length limit")
-    # RL-friendly overrides of the shared defaults
     learning_rate: float = Field(3e-6, gt=0, description="Peak learning rate (small for RL)")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.grad_accumulation_steps != 1:
-            raise ValueError("grad_accumulation_steps: PPO takes one optimizer step per rollout minibatch; "
-                             "use num_minibatches / batch_size instead")
-        return self
 
 
 # ---------------------------------------------------------------------------------- math
@@ -266,13 +259,10 @@ class PPOTrainer(OnlineRLTrainer):
         metrics.update({"reward": float(total.mean()), "reward_std": float(total.std()),
                         **self._per_reward_means(per), **comps.metrics()})
         logs = self.log_arrays(metrics)
-        rng = np.random.default_rng([c.seed, state.step, 11])
         batches = []
-        for _ in range(c.ppo_epochs):
-            for idx in split_minibatches(n, c.num_minibatches, rng):
-                part = trim_width(take_rows(arrays, idx)) if c.num_minibatches > 1 else dict(arrays)
-                # each rank's token mean counts equally, as TRL's per-process mean averaged over processes
-                batches.append({**part, **logs, "loss_weight": mx.array(1.0), "num_tokens": int(mask[idx].sum())})
+        for idx, part in self.minibatches(arrays, n, c.ppo_epochs, state.step, salt=11):
+            # each rank's token mean counts equally, as TRL's per-process mean averaged over processes
+            batches.append({**part, **logs, "loss_weight": mx.array(1.0), "num_tokens": int(mask[idx].sum())})
         self._finish_rollout(t0)
         return batches
 

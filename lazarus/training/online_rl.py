@@ -1,244 +1,31 @@
-"""Rollouts for online RL: batched KV-cache sampling, packing, and the shared RL trainer base.
-
-Generation runs every completion of a rollout in one batch: prompts are left-padded and
-decoded with mlx-lm's batch KV caches (``BatchKVCache`` / ``BatchRotatingKVCache``, whose
-masks hide the padding and whose per-row offsets keep positions as if unpadded). Models
-whose caches cannot be batched fall back to one row at a time with ``make_prompt_cache``.
-Sampling draws from ``mx.random`` (the Loop seeds it and checkpoints its state, so a resumed
-run samples the same completions). Generated token ids are kept as they are (never decoded
-and re-tokenized) together with their sampling log-probabilities.
-
-:class:`OnlineRLTrainer` is what GRPO and PPO share: rewards, sampling a prompt batch,
-the frozen reference, evaluation by generation, rollout timing.
+"""What GRPO and PPO share: their common config fields and :class:`OnlineRLTrainer` (rewards,
+sampling a prompt batch, the frozen reference, evaluation by generation, rollout timing), plus the
+helpers that turn a rollout into per-step minibatches.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import ClassVar
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from pydantic import Field, model_validator
 
 from lazarus.data import PromptDataset
-from lazarus.loop import set_mlx_rng_key
 from lazarus.data.batching import DataLoader
-from lazarus.models import fast_cpu
 from lazarus.models.lora import adapters_disabled, lora_settings
-from pydantic import Field
-
-from lazarus.training.base import Trainer, TrainerConfig, logps_from_logits, token_logps  # noqa: F401
+from lazarus.training.base import Trainer, TrainerConfig, token_logps
+from lazarus.training.generation import Completions, draw_key, eos_token_ids, eval_mode, generate_completions, pad_token_id
 from lazarus.training.rewards import RewardFunctions
 
 #: Prefix of batch entries that ``compute_loss`` passes through as logged metrics.
 LOG_PREFIX = "log/"
 
 
-# ---------------------------------------------------------------------------------- generation
-@dataclass
-class Completions:
-    """The result of :func:`generate_completions`, one entry per sequence.
-
-    ``completion_ids[i]`` includes the final EOS when ``finished[i]``; ``texts[i]`` is
-    ``tokenizer.decode`` of the ids without that EOS. ``logprobs[i][t]`` is the log-prob of
-    token ``t`` under the (temperature-scaled, before top-p) distribution it was drawn from.
-    """
-
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    logprobs: list[list[float]]
-    finished: list[bool]
-    texts: list[str]
-    seconds: float = 0.0
-    max_tokens: int = 0
-
-    def __len__(self) -> int:
-        return len(self.completion_ids)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.array([len(c) for c in self.completion_ids], dtype=np.int64)
-
-    def metrics(self) -> dict[str, float]:
-        lens = self.lengths
-        return {"completions/mean_length": float(lens.mean()), "completions/min_length": float(lens.min()),
-                "completions/max_length": float(lens.max()),
-                "completions/clipped_ratio": float(1.0 - np.mean(self.finished))}
-
-
-def eos_token_ids(tokenizer) -> set[int]:
-    ids = getattr(tokenizer, "eos_token_ids", None)
-    if ids:
-        return {int(i) for i in ids}
-    if getattr(tokenizer, "eos_token_id", None) is None:
-        raise ValueError("the tokenizer has no eos_token_id; generation could never stop early")
-    return {int(tokenizer.eos_token_id)}
-
-
-def pad_token_id(tokenizer) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else min(eos_token_ids(tokenizer))
-
-
-def _batch_cache(model, left_padding: list[int]):
-    """Per-layer batch caches for left-padded prompts, or None if the model's cache kinds
-    cannot be batched this way."""
-    from mlx_lm.models.cache import (BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache,
-                                     make_prompt_cache)
-
-    out = []
-    for c in make_prompt_cache(model):
-        if type(c) is KVCache:
-            out.append(BatchKVCache(left_padding))
-        elif type(c) is RotatingKVCache and getattr(c, "keep", 0) == 0:
-            out.append(BatchRotatingKVCache(c.max_size, left_padding))
-        else:
-            return None
-    return out
-
-
-def _sample(logits, temperature: float, top_p: float, key=None):
-    logits = logits.astype(mx.float32)
-    if temperature <= 0:
-        logprobs = logits - fast_cpu.log_normalizer(logits, keepdims=True)
-        tokens = mx.argmax(logits, axis=-1)
-    else:
-        scaled = logits * (1.0 / temperature)
-        logprobs = scaled - fast_cpu.log_normalizer(scaled, keepdims=True)
-        candidates = logprobs
-        if top_p < 1.0:
-            from mlx_lm.sample_utils import apply_top_p
-            candidates = apply_top_p(logprobs, top_p)
-        tokens = mx.random.categorical(candidates, key=key)
-    lp = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens.astype(mx.int32), lp
-
-
-def _decode_loop(model, x, cache, max_tokens, temperature, top_p, eos: np.ndarray, key=None):
-    """Prefill ``x`` (left-padded prompts) into ``cache`` then sample up to ``max_tokens``.
-    Returns (tokens (steps, N), logprobs (steps, N)) as numpy arrays. ``key``: an explicit
-    PRNG key (split per step) instead of the global ``mx.random`` state."""
-
-    def draw(logits):
-        nonlocal key
-        sub = None
-        if key is not None and temperature > 0:
-            key, sub = mx.random.split(key)
-        return _sample(logits, temperature, top_p, sub)
-
-    if x.shape[1] > 1:
-        model(x[:, :-1], cache=cache)
-        mx.eval([c.state for c in cache])
-    logits = model(x[:, -1:], cache=cache)[:, -1, :]
-    tok, lp = draw(logits)
-    mx.async_eval(tok, lp)
-    n = x.shape[0]
-    done = np.zeros(n, dtype=bool)
-    toks, lps = [], []
-    for t in range(max_tokens):
-        if t + 1 < max_tokens:  # queue the next step before reading this one (pipelining)
-            logits = model(tok[:, None], cache=cache)[:, -1, :]
-            nxt, nlp = draw(logits)
-            mx.async_eval(nxt, nlp)
-        tok_np, lp_np = np.array(tok), np.array(lp)
-        toks.append(tok_np)
-        lps.append(lp_np)
-        done |= np.isin(tok_np, eos)
-        if done.all() or t + 1 >= max_tokens:
-            break
-        tok, lp = nxt, nlp
-    return np.stack(toks), np.stack(lps)
-
-
-@contextmanager
-def eval_mode(model):
-    """Run ``model`` in eval mode (no dropout) inside the block, restoring its mode after."""
-    was = getattr(model, "training", False)
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
-
-
-def generate_completions(model, tokenizer, prompt_ids: list[list[int]], *, max_tokens: int,
-                         temperature: float = 1.0, top_p: float = 1.0, key=None) -> Completions:
-    """Sample one completion per prompt (repeat a prompt to get several), all in one batch.
-
-    Stops a row at its first EOS or after ``max_tokens`` tokens. ``temperature=0`` is greedy
-    decoding (and uses no randomness). Randomness comes from the global ``mx.random`` state
-    unless a PRNG ``key`` is given."""
-    if max_tokens < 1:
-        raise ValueError("max_tokens must be >= 1")
-    if not prompt_ids:
-        raise ValueError("no prompts to generate from")
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("every prompt needs at least one token")
-    t0 = time.perf_counter()
-    eos_set = eos_token_ids(tokenizer)
-    eos = np.array(sorted(eos_set))
-    pad = pad_token_id(tokenizer)
-    n = len(prompt_ids)
-    width = max(len(p) for p in prompt_ids)
-    left = [width - len(p) for p in prompt_ids]
-    with eval_mode(model):
-        cache = _batch_cache(model, left)
-        rows = None
-        if cache is not None:
-            x = mx.array([[pad] * lp + list(p) for lp, p in zip(left, prompt_ids)], dtype=mx.int32)
-            rng = mx.random.state[0]
-            try:
-                steps_tok, steps_lp = _decode_loop(model, x, cache, max_tokens, temperature, top_p, eos, key)
-                rows = [(steps_tok[:, i], steps_lp[:, i]) for i in range(n)]
-            except (TypeError, ValueError, AttributeError):
-                # an architecture whose attention cannot take per-row cache offsets: fall back
-                # to one row at a time (from the same random state, so runs stay reproducible)
-                set_mlx_rng_key(rng)
-        if rows is None:  # cache kinds that cannot be left-padded: one row at a time
-            from mlx_lm.models.cache import make_prompt_cache
-            rows = []
-            keys = mx.random.split(key, n) if key is not None else [None] * n
-            for p, k in zip(prompt_ids, keys):
-                st, sl = _decode_loop(model, mx.array([list(p)], dtype=mx.int32), make_prompt_cache(model),
-                                      max_tokens, temperature, top_p, eos, k)
-                rows.append((st[:, 0], sl[:, 0]))
-    completion_ids, logprobs, finished, texts = [], [], [], []
-    for toks, lps in rows:
-        toks = toks.tolist()
-        hits = [j for j, t in enumerate(toks) if t in eos_set]
-        end = hits[0] + 1 if hits else min(len(toks), max_tokens)
-        ids = [int(t) for t in toks[:end]]
-        completion_ids.append(ids)
-        logprobs.append([float(v) for v in lps[:end]])
-        finished.append(bool(hits))
-        texts.append(tokenizer.decode(ids[:-1] if hits else ids))
-    return Completions([list(p) for p in prompt_ids], completion_ids, logprobs, finished, texts,
-                       time.perf_counter() - t0, max_tokens)
-
-
-def answer_accuracy(model, tokenizer, prompts, samples: int = 0, seed: int = 0, *, column: str = "answer",
-                    max_tokens: int = 6) -> float:
-    """Share of completions that equal the prompt dataset's ``column`` (whitespace-stripped):
-    greedy when ``samples == 0``, else the mean over ``samples`` completions per prompt at
-    temperature 1 (seeded, so before/after comparisons sample alike)."""
-    ids = [e.ids for e in prompts.examples]
-    answers = [str(e.columns[column]).strip() for e in prompts.examples]
-    if samples:
-        mx.random.seed(seed)
-        ids = [p for p in ids for _ in range(samples)]
-        answers = [a for a in answers for _ in range(samples)]
-    comps = generate_completions(model, tokenizer, ids, max_tokens=max_tokens, temperature=1.0 if samples else 0.0)
-    return sum(t.strip() == a for t, a in zip(comps.texts, answers)) / len(answers)
-
-
-def _draw_key():
-    """A fresh PRNG key drawn from (and advancing) the global ``mx.random`` state."""
-    return mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
-
-
-# ---------------------------------------------------------------------------------- scoring
+# ---------------------------------------------------------------------------------- rollout batches
 def pack_sequences(prompt_ids, completion_ids, pad_id: int, pad_multiple: int = 8):
     """Right-padded next-token arrays for prompt+completion rows (numpy).
 
@@ -275,15 +62,59 @@ def chunked(fn, n: int, chunk: int, *arrays):
     return tuple(mx.concatenate([o[i] for o in outs], axis=0) for i in range(len(outs[0])))
 
 
+def split_minibatches(n: int, num_minibatches: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Row index sets for ``num_minibatches`` near-equal minibatches (shuffled with ``rng``)."""
+    if num_minibatches > n:
+        raise ValueError(f"num_minibatches={num_minibatches} exceeds the {n} sequences of a rollout "
+                         f"(batch_size x group_size)")
+    order = rng.permutation(n) if (rng is not None and num_minibatches > 1) else np.arange(n)
+    return [np.sort(p) for p in np.array_split(order, num_minibatches)]
+
+
+def take_rows(arrays: dict, idx: np.ndarray) -> dict:
+    """Rows ``idx`` of every array with a leading batch axis (scalars are kept as they are)."""
+    sel = mx.array(idx.astype(np.int32))
+    return {k: (v[sel] if v.ndim > 0 else v) for k, v in arrays.items()}
+
+
+def trim_width(arrays: dict, mask_key: str = "mask", pad_multiple: int = 8) -> dict:
+    """Cut trailing all-padding columns (to a multiple of ``pad_multiple``) off 2-D arrays."""
+    mask = np.array(arrays[mask_key])
+    cols = np.nonzero(mask.any(axis=0))[0]
+    last = int(cols[-1]) + 1 if cols.size else 1
+    width = max(pad_multiple, -(-last // pad_multiple) * pad_multiple)
+    if width >= mask.shape[1]:
+        return arrays
+    return {k: (v[:, :width] if v.ndim == 2 else v) for k, v in arrays.items()}
+
 # ---------------------------------------------------------------------------------- shared trainer
 class OnlineRLConfig(TrainerConfig):
-    """Sampling and clipping settings shared by GRPO and PPO. ``batch_size`` is the number of
-    prompts per rollout (global)."""
+    """Settings GRPO and PPO share. ``batch_size`` is the number of prompts per rollout (global); a
+    rollout feeds one optimizer step per minibatch, so ``grad_accumulation_steps`` stays 1. The
+    subclasses override the defaults that differ (``group_size``, ``beta``, ``learning_rate``)."""
 
+    #: Named in the error of the validator.
+    paradigm: ClassVar[str] = "online RL"
+
+    group_size: int = Field(1, ge=1, description="Completions sampled per prompt")
     max_completion_length: int = Field(128, ge=1, description="Token limit of each completion")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (also scales the training logits)")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0 disables)")
-    clip_epsilon: float = Field(0.2, gt=0, description="Policy ratio clip range (GRPO: the lower one)")
+    beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (GRPO: k3 estimator in the loss); "
+                                              "0 needs no reference")
+    clip_epsilon: float = Field(0.2, gt=0, description="Policy ratio clip range (GRPO: the lower one, and the "
+                                                       "upper one unless clip_epsilon_high)")
+    num_minibatches: int = Field(1, ge=1, description="Optimizer steps per pass (the rollout is split)")
+    # RL-friendly overrides of the shared defaults
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (small for RL)")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.grad_accumulation_steps != 1:
+            raise ValueError(f"grad_accumulation_steps: {self.paradigm} takes one optimizer step per rollout "
+                             "minibatch; use num_minibatches / batch_size instead")
+        return self
 
 
 class OnlineRLTrainer(Trainer):
@@ -382,7 +213,7 @@ class OnlineRLTrainer(Trainer):
         loop = self.loop
         if loop is not None and loop.world_size > 1 and temperature > 0:
             # every rank holds the same global RNG state: give each its own stream for sampling
-            key = mx.random.split(_draw_key(), loop.world_size)[loop.rank]
+            key = mx.random.split(draw_key(), loop.world_size)[loop.rank]
         return generate_completions(self.model, self.tokenizer, prompt_ids, max_tokens=c.max_completion_length,
                                     temperature=temperature, top_p=c.top_p, key=key)
 
@@ -490,36 +321,19 @@ class OnlineRLTrainer(Trainer):
         self._rollout_seconds, self._timer_start = 0.0, now
         return {"timing/rollout_share": share}
 
+    def minibatches(self, arrays: dict, n: int, passes: int, step: int, salt: int):
+        """``(row indices, arrays)`` of each optimizer step of a rollout of ``n`` rows: ``passes``
+        shuffled splits into ``num_minibatches`` (the whole rollout when there is one), with padding
+        columns no row of a minibatch uses cut off."""
+        k = self.config.num_minibatches
+        rng = np.random.default_rng([self.config.seed, step, salt])
+        for _ in range(passes):
+            for idx in split_minibatches(n, k, rng):
+                yield idx, (trim_width(take_rows(arrays, idx)) if k > 1 else dict(arrays))
+
     def _finish_rollout(self, t0: float) -> None:
         self._rollout_seconds += time.perf_counter() - t0
 
 
-def split_minibatches(n: int, num_minibatches: int, rng: np.random.Generator | None) -> list[np.ndarray]:
-    """Row index sets for ``num_minibatches`` near-equal minibatches (shuffled with ``rng``)."""
-    if num_minibatches > n:
-        raise ValueError(f"num_minibatches={num_minibatches} exceeds the {n} sequences of a rollout "
-                         f"(batch_size x group_size)")
-    order = rng.permutation(n) if (rng is not None and num_minibatches > 1) else np.arange(n)
-    return [np.sort(p) for p in np.array_split(order, num_minibatches)]
-
-
-def take_rows(arrays: dict, idx: np.ndarray) -> dict:
-    """Rows ``idx`` of every array with a leading batch axis (scalars are kept as they are)."""
-    sel = mx.array(idx.astype(np.int32))
-    return {k: (v[sel] if v.ndim > 0 else v) for k, v in arrays.items()}
-
-
-def trim_width(arrays: dict, mask_key: str = "mask", pad_multiple: int = 8) -> dict:
-    """Cut trailing all-padding columns (to a multiple of ``pad_multiple``) off 2-D arrays."""
-    mask = np.array(arrays[mask_key])
-    cols = np.nonzero(mask.any(axis=0))[0]
-    last = int(cols[-1]) + 1 if cols.size else 1
-    width = max(pad_multiple, -(-last // pad_multiple) * pad_multiple)
-    if width >= mask.shape[1]:
-        return arrays
-    return {k: (v[:, :width] if v.ndim == 2 else v) for k, v in arrays.items()}
-
-
-__all__ = ["Completions", "generate_completions", "pack_sequences", "token_logps", "logps_from_logits",
-           "OnlineRLTrainer", "LOG_PREFIX", "eval_mode", "masked_mean", "split_minibatches", "take_rows",
-           "trim_width"]
+__all__ = ["OnlineRLConfig", "OnlineRLTrainer", "LOG_PREFIX", "pack_sequences", "masked_mean", "chunked",
+           "split_minibatches", "take_rows", "trim_width"]
