@@ -122,7 +122,35 @@ def test_context_patches_only_inside_and_only_when_enabled(tiny):
         assert llama.swiglu is F.swiglu and llama.scaled_dot_product_attention is F.scaled_dot_product_attention
         assert F.log_normalizer(mx.zeros((1, 4))).item() == pytest.approx(math.log(4), abs=1e-6)
     assert llama.swiglu is original_swiglu and llama.scaled_dot_product_attention is original_sdpa
-    assert F._active == 0
+    assert F.step_kernels() is F.NATIVE
+
+
+def test_patches_are_undone_after_an_error_and_nested_blocks_unwind(tiny):
+    import mlx_lm.models.llama as llama
+
+    model, _ = tiny
+    original_swiglu = llama.swiglu
+    with pytest.raises(RuntimeError, match="boom"):
+        with F.fast_cpu_kernels(model, F.FAST) as on:
+            assert on is True and F.step_kernels() is F.FAST
+            with F.fast_cpu_kernels(model, enabled=False) as inner:  # leaves the enclosing choice alone
+                assert inner is False and llama.swiglu is F.swiglu and F.step_kernels() is F.FAST
+            with F.fast_cpu_kernels(model):
+                assert llama.swiglu is F.swiglu
+            assert llama.swiglu is F.swiglu and F.step_kernels() is F.FAST
+            raise RuntimeError("boom")
+    assert llama.swiglu is original_swiglu and F.step_kernels() is F.NATIVE
+
+
+def test_kernel_choice_is_an_explicit_value():
+    x = mx.random.normal((3, 17), key=mx.random.key(5)) * 4
+    ref = mx.logsumexp(x, axis=-1, keepdims=True)
+    assert F.resolve(F.FAST) is True and F.resolve(F.NATIVE) is False and F.resolve(False) is False
+    assert F.step_kernels() is F.NATIVE  # outside every block
+    fast = F.log_normalizer(x, keepdims=True, kernels=F.FAST)  # a caller's own choice wins over the scope
+    assert fast.shape == (3, 1) and close(fast, ref, 1e-5)
+    assert F.CpuKernels(fast=True) == F.FAST and F.log_normalizer(x).shape == (3,)
+    np.testing.assert_array_equal(np.array(F.NATIVE.log_normalizer(x, keepdims=True)), np.array(ref))
 
 
 def _batch_grads(model, batches):

@@ -134,3 +134,57 @@ def test_lora_init_is_seeded_and_leaves_the_global_rng_alone(tiny_dir):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert any(not np.array_equal(a[k], other[k]) for k in a if k.endswith("lora_a"))
+
+
+def test_lora_settings_are_recorded_outside_the_parameter_tree(tiny_dir, tmp_path):
+    from lazarus.models import LoRASettings, lora_settings, mark_lora
+
+    model, _ = load_model(tiny_dir, use_lora=True, lora_rank=4, lora_layers=1)
+    settings = lora_settings(model)
+    assert settings == LoRASettings(rank=4, num_layers=1, base_model=str(tiny_dir))
+    save_adapters(model, tmp_path / "ad")
+    loaded, _ = load_model(tiny_dir, adapter_path=tmp_path / "ad")  # the other writer: load_model(adapter_path=)
+    assert lora_settings(loaded).rank == 4 and lora_settings(loaded).num_layers == 1
+    plain, _ = load_model(tiny_dir)
+    assert lora_settings(plain) is None
+    before = set(dict(tree_flatten(plain.parameters())))
+    mark_lora(plain, settings)
+    assert lora_settings(plain) is settings and "_lazarus_lora" not in plain  # not a child/parameter entry
+    assert set(dict(tree_flatten(plain.parameters()))) == before
+
+
+def test_grad_checkpoint_patch_is_scoped_to_flagged_blocks_and_undone(tiny_dir, monkeypatch):
+    from lazarus.models import mlx_lm_patches as P
+
+    a, tok = load_model(tiny_dir)
+    b, _ = load_model(tiny_dir)
+    cls = type(a.layers[0])
+    call_before = cls.__call__
+    calls = []
+    checkpoint = mx.checkpoint
+    monkeypatch.setattr(mx, "checkpoint", lambda f: calls.append(1) or checkpoint(f))
+    ids = mx.array([list(tok.encode("What is 2+3?", add_special_tokens=False))])
+    reference = np.array(a(ids))
+
+    P.enable_grad_checkpoint(a)
+    assert all(P.grad_checkpoint_enabled(layer) for layer in a.layers)
+    assert not any(P.grad_checkpoint_enabled(layer) for layer in b.layers)
+    np.testing.assert_allclose(np.array(a(ids)), reference, atol=1e-6)
+    assert len(calls) == len(a.layers)  # a's blocks are checkpointed ...
+    b(ids)
+    assert len(calls) == len(a.layers)  # ... b's are not
+    assert P.GRAD_CHECKPOINT_FLAG not in a and set(dict(tree_flatten(a.parameters()))) == \
+        set(dict(tree_flatten(b.parameters())))  # the flag is no parameter
+    P.disable_grad_checkpoint(a)
+    assert not any(P.grad_checkpoint_enabled(layer) for layer in a.layers)
+    assert cls.__call__ is call_before  # the class has its own __call__ back
+    a(ids)
+    assert len(calls) == len(a.layers)
+
+    with P.grad_checkpointing(b):
+        assert all(P.grad_checkpoint_enabled(layer) for layer in b.layers)
+        b(ids)
+    assert len(calls) == 2 * len(b.layers)
+    assert not any(P.grad_checkpoint_enabled(layer) for layer in b.layers) and cls.__call__ is call_before
+    with P.grad_checkpointing(b, enabled=False):
+        assert not P.grad_checkpoint_enabled(b.layers[0])

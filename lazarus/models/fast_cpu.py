@@ -10,18 +10,23 @@ compiler vectorises. So ``fast_exp`` computes ``exp`` the textbook way with such
 ``expf`` coefficients, in Estrin's scheme) and ``2**n`` built from the float bits. It is ~3.5x
 faster on this machine and within 4e-6 relative error of ``mx.exp`` (float32 rounding is ~1e-7).
 
-``fast_cpu_kernels(model)`` swaps mlx-lm's ``swiglu`` and ``scaled_dot_product_attention`` in
-the modules that define the model's layers for the versions below, for the duration of a
-``with`` block, and only when MLX's default device is the CPU (GPU kernels are already fast).
-Trainers wrap ``train()`` in it. ``fast_cpu_kernels: auto`` (the default) uses them only where
-a training step of a small llama is measurably faster with them on this machine
-(:func:`kernels_pay_off`, measured once per CPU/MLX/BLAS and cached; see :mod:`lazarus.autotune`).
+The kernel choice of a run is an explicit value, :class:`CpuKernels` (fast or native).
+``fast_cpu_kernels(model, enabled)`` is the *step kernel scope*: trainers enter it exactly where
+the training/eval step is built and run (``Trainer.train`` / ``evaluate``, around ``prepare``
+and ``Loop.fit``). Inside it, and only when MLX's default device is the CPU (GPU kernels are
+already fast): the mlx-lm modules behind the model's layers call the SwiGLU and attention below
+(the one monkey-patch involved lives in :mod:`lazarus.models.mlx_lm_patches`), and
+:func:`log_normalizer` uses the fast ``logsumexp`` unless its caller passes its own
+``kernels``. Since the step is traced inside the scope, the compiled graph holds the choice.
+``fast_cpu_kernels: auto`` (the default) uses them only where a training step of a small llama
+is measurably faster with them on this machine (:func:`kernels_pay_off`, measured once per
+CPU/MLX/BLAS and cached; see :mod:`lazarus.autotune`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -222,22 +227,45 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
     return attention(queries, keys, values, scale, mask)
 
 
-_REPLACEMENTS = {"swiglu": swiglu, "scaled_dot_product_attention": scaled_dot_product_attention}
-
-
-_active = 0  # how many fast_cpu_kernels blocks are open
-
-
 def cpu_backend() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def log_normalizer(logits: mx.array, keepdims: bool = False) -> mx.array:
-    """``logsumexp`` over the last axis: the fast one inside a ``fast_cpu_kernels`` block.
+@dataclass(frozen=True)
+class CpuKernels:
+    """Which implementation of the exp-heavy pieces a step uses: ``fast=True`` the functions of
+    this module, ``False`` MLX's own. A plain value: decide it once per run and hand it on."""
+
+    fast: bool = False
+
+    def log_normalizer(self, logits: mx.array, keepdims: bool = False) -> mx.array:
+        """``logsumexp`` over the last axis with these kernels."""
+        if self.fast:
+            return logsumexp(logits, keepdims=keepdims)
+        return mx.logsumexp(logits, axis=-1, keepdims=keepdims)
+
+
+NATIVE = CpuKernels(fast=False)
+FAST = CpuKernels(fast=True)
+
+#: The step kernel scope's record: the kernels of every open ``fast_cpu_kernels`` block that
+#: turned the fast kernels on, innermost last. Pushed and popped by :func:`fast_cpu_kernels` only;
+#: read by :func:`step_kernels`. (A block that leaves them off pushes nothing: inside it, an
+#: enclosing block's patched mlx-lm functions stay in place, and so does its choice here.)
+_open_scopes: list[CpuKernels] = []
+
+
+def step_kernels() -> CpuKernels:
+    """The kernels of the step being built and run: those of the innermost open
+    ``fast_cpu_kernels`` block that enabled them, else :data:`NATIVE`."""
+    return _open_scopes[-1] if _open_scopes else NATIVE
+
+
+def log_normalizer(logits: mx.array, keepdims: bool = False, kernels: CpuKernels | None = None) -> mx.array:
+    """``logsumexp`` over the last axis with ``kernels``; by default those of the step kernel scope
+    (:func:`step_kernels`): the fast one inside a ``fast_cpu_kernels`` block that enabled them.
     Trainers compute token log-probs with it."""
-    if _active:
-        return logsumexp(logits, keepdims=keepdims)
-    return mx.logsumexp(logits, axis=-1, keepdims=keepdims)
+    return (step_kernels() if kernels is None else kernels).log_normalizer(logits, keepdims)
 
 
 def _time_small_llama_step() -> tuple[float, float]:
@@ -283,36 +311,32 @@ def kernels_pay_off() -> bool:
     return autotune.decide("fast_cpu_kernels", _time_small_llama_step)
 
 
-def resolve(setting: bool | str) -> bool:
-    """The config's ``fast_cpu_kernels`` (True, False or "auto") as a decision for this run."""
+def resolve(setting: bool | str | CpuKernels) -> bool:
+    """The config's ``fast_cpu_kernels`` (True, False or "auto", or a decided :class:`CpuKernels`)
+    as a decision for this run."""
+    if isinstance(setting, CpuKernels):
+        return setting.fast
     if setting == "auto":
         return cpu_backend() and kernels_pay_off()
     return bool(setting)
 
 
 @contextlib.contextmanager
-def fast_cpu_kernels(model, enabled: bool | str = True):
-    """Within the block, the mlx-lm modules behind ``model``'s layers use the functions above, and
-    so does ``log_normalizer`` (only on the CPU backend). Restores the originals on exit, so other
-    models and later code are untouched. ``enabled="auto"`` asks :func:`kernels_pay_off`.
+def fast_cpu_kernels(model, enabled: bool | str | CpuKernels = True):
+    """The step kernel scope (see the module docstring). Within the block, on the CPU backend only
+    and when ``enabled`` resolves to True (``"auto"`` asks :func:`kernels_pay_off`): the mlx-lm
+    modules behind ``model``'s layers use the SwiGLU and attention above
+    (:func:`lazarus.models.mlx_lm_patches.fast_kernels_installed`) and :func:`step_kernels` is
+    :data:`FAST`. Everything is restored on exit, so other models and later code are untouched.
     Yields whether the kernels are in use."""
-    global _active
+    from lazarus.models.mlx_lm_patches import fast_kernels_installed
+
     if not cpu_backend() or not resolve(enabled):
         yield False
         return
-    saved = []
-    for name in sorted({type(m).__module__ for m in model.modules()}):
-        mod = sys.modules.get(name)
-        if mod is None or not name.startswith("mlx_lm.models."):
-            continue
-        for attr, fn in _REPLACEMENTS.items():
-            if attr in vars(mod):
-                saved.append((mod, attr, vars(mod)[attr]))
-                setattr(mod, attr, fn)
-    _active += 1
-    try:
-        yield True
-    finally:
-        _active -= 1
-        for mod, attr, fn in reversed(saved):
-            setattr(mod, attr, fn)
+    with fast_kernels_installed(model):
+        _open_scopes.append(FAST)
+        try:
+            yield True
+        finally:
+            _open_scopes.pop()

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from lazarus.models.lora import LoRASettings, apply_lora
+from lazarus.models.lora import LoRASettings, apply_lora, mark_lora
 
 
 class ModelLoadError(ValueError):
@@ -114,7 +114,7 @@ def _load_adapters(model, adapter_dir: Path, base: str, trainable: bool) -> None
     settings = LoRASettings(rank=lp.get("rank", 8), scale=lp.get("scale", 20.0), dropout=lp.get("dropout", 0.0),
                             num_layers=cfg.get("num_layers", -1),
                             keys=tuple(lp["keys"]) if lp.get("keys") else None, base_model=base)
-    object.__setattr__(model, "_lazarus_lora", settings)
+    mark_lora(model, settings)
     model.freeze()
     if trainable:
         model.unfreeze(keys=["lora_a", "lora_b"], strict=False)

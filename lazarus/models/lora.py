@@ -34,8 +34,27 @@ class LoRASettings:
                 "lora_parameters": params, "model": self.base_model}
 
 
+#: Instance attribute holding a model's :class:`LoRASettings`; written by :func:`mark_lora` only.
+_SETTINGS_ATTR = "_lazarus_lora"
+
+
+def mark_lora(model: nn.Module, settings: LoRASettings) -> None:
+    """Record that ``model`` carries LoRA adapters made with ``settings`` (what
+    :func:`save_adapters` writes to ``adapter_config.json``); read back with :func:`lora_settings`.
+    The one place the record is written: :func:`apply_lora` and ``load_model(adapter_path=...)``
+    both call it.
+
+    Why ``object.__setattr__`` and not ``model.x = settings``: an mlx ``nn.Module`` is a dict of
+    its children and parameters, and ``Module.__setattr__`` stores arrays, dicts, lists and
+    tuples *as entries of that dict*, where ``parameters()``, ``update()``, ``tree_flatten`` and
+    checkpoints see them. The record goes to the instance's ``__dict__`` instead, outside the
+    parameter tree whatever the settings type becomes, and travels with the model object."""
+    object.__setattr__(model, _SETTINGS_ATTR, settings)
+
+
 def lora_settings(model: nn.Module) -> LoRASettings | None:
-    return getattr(model, "_lazarus_lora", None)
+    """The settings :func:`mark_lora` recorded for ``model``; None for a model without LoRA."""
+    return getattr(model, _SETTINGS_ATTR, None)
 
 
 def apply_lora(model: nn.Module, settings: LoRASettings) -> nn.Module:
@@ -53,7 +72,7 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> nn.Module:
     if settings.keys:
         cfg["keys"] = list(settings.keys)
     linear_to_lora_layers(model, n, cfg)
-    object.__setattr__(model, "_lazarus_lora", settings)
+    mark_lora(model, settings)
     return model
 
 

@@ -1,0 +1,173 @@
+"""Every monkey-patch Lazarus applies to mlx-lm, in one place.
+
+Lazarus trains mlx-lm's own model classes and changes their behaviour in exactly two ways, both
+here. Nothing else in Lazarus rebinds a name inside an mlx-lm module or replaces a method of an
+mlx-lm class.
+
+1. **Fast CPU kernels** (:func:`fast_kernels_installed`).
+   *What*: the module-level names ``swiglu`` and ``scaled_dot_product_attention`` inside the
+   ``mlx_lm.models.<architecture>`` modules are rebound to :func:`lazarus.models.fast_cpu.swiglu`
+   and :func:`lazarus.models.fast_cpu.scaled_dot_product_attention`.
+   *Why*: on MLX's CPU backend ``exp`` runs one element at a time, so SwiGLU and the attention
+   softmax cost more than the matmuls of a small model (see :mod:`lazarus.models.fast_cpu`).
+   Each architecture module imports both functions by name (``from .activations import swiglu``,
+   ``from .base import scaled_dot_product_attention``) and its layers look them up in the
+   module's globals at call time, so rebinding that global is the one place to switch them;
+   patching ``mlx_lm.models.activations`` itself would change nothing.
+   *Which models*: only the modules that define a class of one of ``model``'s submodules
+   (``type(m).__module__``), and only the names such a module actually has. While the block is
+   open, every model of those architectures in the process uses the replacements (the binding
+   is per module, not per model instance).
+   *Undone*: on leaving the ``with`` block (also on an exception) every rebound name gets back
+   the value it had on entry, in reverse order, so nested blocks unwind correctly.
+   Callers enter it through :func:`lazarus.models.fast_cpu.fast_cpu_kernels`, which also decides
+   whether the kernels are used at all (CPU backend, config setting, per-machine measurement).
+
+2. **Gradient checkpointing** (:func:`enable_grad_checkpoint`, :func:`disable_grad_checkpoint`,
+   :func:`grad_checkpointing`).
+   *What*: the ``__call__`` of the class of ``model.layers[0]`` (the transformer block class,
+   e.g. ``mlx_lm.models.llama.TransformerBlock``) is replaced by a wrapper.
+   *Why*: Python looks ``__call__`` up on the class, not the instance, so a per-instance
+   override is impossible; the wrapper runs the block under ``mx.checkpoint`` (activations are
+   recomputed in the backward pass instead of stored: less memory, one more forward per block).
+   *Which models*: the wrapper checkpoints only block instances whose
+   :data:`GRAD_CHECKPOINT_FLAG` attribute is true, and that attribute is set by
+   :func:`enable_grad_checkpoint` only (on every block of the model it is given). Every other
+   instance of the class, in this model or any other, runs the original ``__call__`` unchanged.
+   *Undone*: :func:`disable_grad_checkpoint` clears the flags of a model's blocks, and once no
+   block of the class is flagged any more it puts the class's original ``__call__`` back.
+   :func:`grad_checkpointing` is the scoped form (enable on entry, disable on exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import mlx.core as mx
+
+from lazarus.models import fast_cpu
+
+# --------------------------------------------------------------------------- 1. fast CPU kernels
+
+
+def _fast_kernel_replacements() -> dict:
+    """mlx-lm global name -> the Lazarus function that replaces it inside a fast-kernel block."""
+    return {"swiglu": fast_cpu.swiglu, "scaled_dot_product_attention": fast_cpu.scaled_dot_product_attention}
+
+
+def _architecture_modules(model) -> list:
+    """The ``mlx_lm.models.*`` modules that define a class of one of ``model``'s submodules."""
+    names = sorted({type(m).__module__ for m in model.modules()})
+    return [sys.modules[n] for n in names if n.startswith("mlx_lm.models.") and n in sys.modules]
+
+
+@contextlib.contextmanager
+def fast_kernels_installed(model):
+    """Patch 1 (see the module docstring): within the block, the mlx-lm modules behind ``model``'s
+    layers call Lazarus's SwiGLU and attention; every binding is restored on exit."""
+    saved = []
+    for mod in _architecture_modules(model):
+        for attr, fn in _fast_kernel_replacements().items():
+            if attr in vars(mod):
+                saved.append((mod, attr, vars(mod)[attr]))
+                setattr(mod, attr, fn)
+    try:
+        yield
+    finally:
+        for mod, attr, fn in reversed(saved):
+            setattr(mod, attr, fn)
+
+
+# --------------------------------------------------------------------------- 2. gradient checkpointing
+
+#: Instance attribute of a transformer block: when true, the wrapped ``__call__`` recomputes the
+#: block in the backward pass. Set and cleared only by the functions below. Stored with
+#: ``object.__setattr__`` (outside the module's parameter dict, like any non-container value).
+GRAD_CHECKPOINT_FLAG = "_lazarus_grad_checkpoint"
+#: Class attribute: true once the class's ``__call__`` is the checkpointing wrapper. (These two
+#: names are also the ones the earlier copy of this patch in ``lazarus.training.base`` uses, so
+#: the two never wrap a class twice while both exist.)
+_WRAPPED_MARK = "_lazarus_checkpoint_wrapper"
+_original_calls: dict[type, object] = {}  # block class -> its own __call__, for the undo
+_flagged_blocks: dict[type, int] = {}  # block class -> how many of its instances are flagged here
+
+
+def _blocks(model) -> list:
+    layers = getattr(model, "layers", None)
+    if not layers:
+        raise ValueError("grad_checkpoint needs a model with .layers (transformer blocks)")
+    return list(layers)
+
+
+def _wrap_block_class(cls) -> None:
+    if getattr(cls, _WRAPPED_MARK, False):
+        return
+    original = cls.__call__
+
+    def call(self, *args, **kwargs):
+        if not getattr(self, GRAD_CHECKPOINT_FLAG, False):
+            return original(self, *args, **kwargs)
+
+        def inner(params, *a, **k):
+            self.update(params)
+            return original(self, *a, **k)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    _original_calls[cls] = original
+    cls.__call__ = call
+    setattr(cls, _WRAPPED_MARK, True)
+
+
+def _unwrap_block_class(cls) -> None:
+    if cls in _original_calls:
+        cls.__call__ = _original_calls.pop(cls)
+        delattr(cls, _WRAPPED_MARK)
+
+
+def enable_grad_checkpoint(model) -> None:
+    """Recompute each transformer block of ``model`` in the backward pass instead of storing its
+    activations (patch 2 of the module docstring): wraps the block class once, flags this model's
+    blocks. Other models, and unflagged blocks, are untouched."""
+    blocks = _blocks(model)
+    cls = type(blocks[0])
+    _wrap_block_class(cls)
+    newly = [b for b in blocks if not grad_checkpoint_enabled(b)]
+    for block in newly:
+        object.__setattr__(block, GRAD_CHECKPOINT_FLAG, True)
+    _flagged_blocks[cls] = _flagged_blocks.get(cls, 0) + len(newly)
+
+
+def disable_grad_checkpoint(model) -> None:
+    """Undo :func:`enable_grad_checkpoint` for ``model``: its blocks run as stored-activation blocks
+    again, and the block class gets its own ``__call__`` back once no block of it is flagged."""
+    blocks = _blocks(model)
+    cls = type(blocks[0])
+    cleared = [b for b in blocks if grad_checkpoint_enabled(b)]
+    for block in cleared:
+        object.__delattr__(block, GRAD_CHECKPOINT_FLAG)
+    left = max(0, _flagged_blocks.get(cls, 0) - len(cleared))
+    _flagged_blocks[cls] = left
+    if left == 0:
+        _flagged_blocks.pop(cls, None)
+        _unwrap_block_class(cls)
+
+
+def grad_checkpoint_enabled(block) -> bool:
+    """Whether ``block`` (one transformer block) is recomputed in the backward pass."""
+    return bool(vars(block).get(GRAD_CHECKPOINT_FLAG, False))
+
+
+@contextlib.contextmanager
+def grad_checkpointing(model, enabled: bool = True):
+    """Scoped gradient checkpointing: ``model``'s blocks are checkpointed inside the block only
+    (nothing happens with ``enabled=False``, and a model already checkpointed on entry stays so)."""
+    if not enabled or all(grad_checkpoint_enabled(b) for b in _blocks(model)):
+        yield
+        return
+    enable_grad_checkpoint(model)
+    try:
+        yield
+    finally:
+        disable_grad_checkpoint(model)
