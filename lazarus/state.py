@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
+
+from mlx.utils import tree_flatten
 
 
 @dataclass
@@ -40,12 +43,17 @@ class State:
     batch: Any = None  # the batch of the current step (rollout batch for RL; first shard with cpu_streams > 1)
     rank: int = 0
     world_size: int = 1
+    has_eval_data: bool = False  # the run has an eval set (evaluations will happen)
+    checkpoint_dir: str | None = None  # where the Checkpoint callback writes (reported in the result)
     # Requests (carried out by the Loop)
     stop_reason: str | None = None
     eval_requested: bool = False
     checkpoint_requested: bool = False
     skip_reason: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # free space for callbacks/trainers
+    # Set by the Loop: writes weights + resume state (see save_checkpoint). Not the Loop itself:
+    # callbacks act through State's methods, never on the Loop.
+    checkpoint_writer: Callable[[Any], Path | None] | None = field(default=None, repr=False)
 
     # ---- requests -------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -66,6 +74,18 @@ class State:
     def skip_step(self, reason: str) -> None:
         """Discard the current optimizer step (weights and optimizer state roll back)."""
         self.skip_reason = reason
+
+    def save_checkpoint(self, path) -> Path | None:
+        """Write the trainable weights and everything needed to resume to ``path`` now (atomically;
+        every rank must call it, rank 0 writes; files that belong beside a checkpoint, such as
+        mlx-lm's LoRA adapters, go to the same folder). Returns the path written (None off rank 0)."""
+        if self.checkpoint_writer is None:
+            raise RuntimeError("save_checkpoint is available once Loop.fit has started")
+        return self.checkpoint_writer(path)
+
+    def trainable_weights(self) -> dict[str, Any]:
+        """The trainable parameters by dotted name: what a checkpoint's weights file holds."""
+        return dict(tree_flatten(self.model.trainable_parameters()))
 
     # ---- helpers ----------------------------------------------------------------------
     @property

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
-#: Every event the Loop emits, in the order they first occur in a run.
-EVENTS = (
-    "fit_start", "epoch_start", "rollout_start", "rollout_end", "step_start",
-    "before_optimizer_step", "step_end", "eval_start", "eval_end", "log",
-    "checkpoint", "epoch_end", "fit_end", "exception",
-)
+
+class Event(str, enum.Enum):
+    """Every event the Loop emits, in the order they first occur in a run. A callback handles
+    ``Event.X`` in its method ``on_x``; ``Event("step_ned")`` (a typo) raises ``ValueError``."""
+
+    FIT_START = "fit_start"
+    EPOCH_START = "epoch_start"
+    ROLLOUT_START = "rollout_start"
+    ROLLOUT_END = "rollout_end"
+    STEP_START = "step_start"
+    BEFORE_OPTIMIZER_STEP = "before_optimizer_step"
+    STEP_END = "step_end"
+    EVAL_START = "eval_start"
+    EVAL_END = "eval_end"
+    LOG = "log"
+    CHECKPOINT = "checkpoint"
+    EPOCH_END = "epoch_end"
+    FIT_END = "fit_end"
+    EXCEPTION = "exception"
+
+    @property
+    def handler(self) -> str:
+        """The callback method that handles this event."""
+        return f"on_{self.value}"
+
+
+#: The event names, in order (``Event`` members are also plain strings).
+EVENTS = tuple(e.value for e in Event)
 
 
 class Callback:
@@ -26,6 +49,10 @@ class Callback:
     """
 
     order: int = 50
+    #: True when this callback may call ``state.skip_step`` at ``step_end``: the Loop then keeps a
+    #: rollback copy of the weights and optimizer state, and the compiled step reports whether the
+    #: updated weights are finite (``state.weights_finite``).
+    may_skip_steps: bool = False
 
     # --- events (all no-ops) ---
     def on_fit_start(self, state) -> None: ...
@@ -57,8 +84,9 @@ class Callback:
         """Key under which this callback's state is saved in checkpoints."""
         return type(self).__name__
 
-    def overrides(self, event: str) -> bool:
-        return getattr(type(self), f"on_{event}") is not getattr(Callback, f"on_{event}")
+    def overrides(self, event: Event | str) -> bool:
+        name = Event(event).handler
+        return getattr(type(self), name) is not getattr(Callback, name)
 
 
 def sort_callbacks(callbacks) -> list[Callback]:

@@ -64,10 +64,7 @@ class Checkpoint(Callback):
     def _write(self, state, name: str):
         if state.extras.get("terminated_on_nan"):
             return None  # the last good checkpoint stays the newest one
-        path = state.loop.save_checkpoint(self.dir / f"{name}.safetensors")
-        trainer = state.trainer
-        if state.is_main_process and trainer is not None and hasattr(trainer, "save_adapters"):
-            trainer.save_adapters(self.dir)
+        path = state.save_checkpoint(self.dir / f"{name}.safetensors")  # LoRA adapters go beside it
         if path is not None and name.startswith("step_"):  # what a resume command should name
             state.extras["last_checkpoint"] = str(path)
         return path
@@ -90,7 +87,7 @@ class Checkpoint(Callback):
         """Lock, clean and size-check the folder before the first step (rank 0)."""
         self._lock = ckpt.FolderLock(self.dir).acquire()
         ckpt.clean_folder(self.dir)
-        need = sum(v.nbytes for v in state.loop.trainable_weights().values())
+        need = sum(v.nbytes for v in state.trainable_weights().values())
         need += sum(v.nbytes for _, v in tree_flatten(state.optimizer.state))
         free = shutil.disk_usage(self.dir).free
         if free < need:
@@ -104,11 +101,11 @@ class Checkpoint(Callback):
     # --- events ---
     def on_fit_start(self, state) -> None:
         if self.monitor is None:
-            self.monitor = "eval/loss" if state.loop.eval_data is not None else "loss"
+            self.monitor = "eval/loss" if state.has_eval_data else "loss"
         if self.mode == "auto":
             self.mode = infer_mode(self.monitor)
         self._monitor = Monitor(self.monitor, "Checkpoint", self.strict)
-        state.loop.checkpoint_dir = str(self.dir)
+        state.checkpoint_dir = str(self.dir)
         if state.is_main_process:
             self._prepare_folder(state)
 

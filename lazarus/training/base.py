@@ -18,6 +18,7 @@ from lazarus.callbacks import (Callback, Checkpoint, GradientClipping, LRSchedul
                                TerminateOnNaN)
 from lazarus.data import DataLoader
 from lazarus.loop import Loop, TrainResult
+from lazarus.protocols import DefaultHooks
 from lazarus.models import fast_cpu
 from lazarus.models.loading import context_length
 from lazarus.models.lora import lora_settings, save_adapters
@@ -65,7 +66,7 @@ class TrainerConfig(StrictConfig):
 
     #: Fields a resumed run may set differently from its checkpoint: they change how long the run
     #: goes, what it writes and how fast it computes, not the trajectory. Any other difference is
-    #: refused on resume (see Loop.load_resume_state).
+    #: refused on resume (see lazarus.resume.check_same_config).
     RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset({
         "num_epochs", "max_steps", "checkpoint_interval", "checkpoint_dir", "keep_last", "log_interval",
         "eval_interval", "compile", "grad_checkpoint", "cpu_streams", "fast_cpu_kernels"})
@@ -98,7 +99,7 @@ class TrainerConfig(StrictConfig):
                             "machine (once, cached); no effect on GPU")
 
 
-class Trainer:
+class Trainer(DefaultHooks):
     """Base class. Subclasses supply ``compute_loss(model, batch) -> (loss, metrics)``.
 
     Default callbacks come from the config (LRSchedule, GradientClipping, Checkpoint,
@@ -110,7 +111,13 @@ class Trainer:
     dataset_class = None  # what a path given to train() is turned into
 
     def __init__(self, model, tokenizer, config: TrainerConfig | None = None, callbacks: list[Callback] | None = None,
-                 optimizer=None):
+                 optimizer=None, *, reference_model=None):
+        """Every trainer takes these as keywords (``cls(model=..., tokenizer=..., config=...,
+        callbacks=..., reference_model=..., **paradigm_extras)``). A paradigm that compares
+        against a frozen ``reference_model`` (DPO, GRPO, PPO) keeps it itself; one that has no
+        use for it refuses one rather than ignoring it."""
+        if reference_model is not None:
+            raise TypeError(f"{type(self).__name__} does not use a reference model")
         self.model = model
         self.tokenizer = tokenizer
         self.config = config if config is not None else self.config_class()
@@ -144,10 +151,6 @@ class Trainer:
     # ------------------------------------------------------------------ objective
     def compute_loss(self, model, batch):
         raise NotImplementedError("a Trainer subclass must implement compute_loss(model, batch)")
-
-    def derived_metrics(self, logged: dict) -> dict:
-        """Extra metrics computed from the logged interval averages (host side)."""
-        return {}
 
     # ------------------------------------------------------------------ data
     def max_length(self) -> int | None:
@@ -233,7 +236,7 @@ class Trainer:
     def _use_fast_kernels(self, loop: Loop) -> bool:
         """The ``fast_cpu_kernels`` setting as a decision; with ``auto`` only rank 0 measures (the
         kernels change float rounding, so every rank must run the same ones)."""
-        return loop.rank0_choice(fast_cpu.resolve(self.config.fast_cpu_kernels) if loop.rank == 0 else False)
+        return loop.ranks.rank0_choice(fast_cpu.resolve(self.config.fast_cpu_kernels) if loop.rank == 0 else False)
 
     # ------------------------------------------------------------------ checkpoints
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -249,13 +252,6 @@ class Trainer:
         if lora_settings(self.model) is None:
             return None
         return save_adapters(self.model, directory)
-
-    def resume_state(self) -> tuple[dict, dict]:
-        """Arrays and JSON the trainer needs to resume exactly (beyond the Loop's own)."""
-        return {}, {}
-
-    def load_resume_state(self, arrays: dict, doc: dict) -> None:
-        pass
 
 
 def enable_grad_checkpoint(model) -> None:
