@@ -105,15 +105,11 @@ class Loop:
                            num_epochs=num_epochs, rank=self.rank, world_size=self.world_size,
                            has_eval_data=eval_data is not None, checkpoint_writer=self.save_checkpoint)
         self.pending: list[tuple[dict, dict]] = []  # rollout batches not yet trained on, with their metrics
-        self.epoch_open = False
-        self.interval = IntervalMetrics()
-        self.optimizer_step: OptimizerStep | None = None
-        self._eval_fn = None
+        self.epoch_open, self.interval, self.optimizer_step = False, IntervalMetrics(), None
         self._step_extra: dict[str, float] = {}  # the metrics of the rollout that fed this step
-        self._last_eval_step: int | None = None
+        self._eval_fn = self._last_eval_step = self._guards = None
         self._padding: tuple[int | None, float] = (None, 0.0)
         self._ranks_synced = False
-        self._guards = None
 
     def emit(self, event: Event | str) -> None:
         handler = Event(event).handler  # an unknown event name raises here
@@ -220,10 +216,8 @@ class Loop:
         st = self.state
         if st.batch_in_epoch >= len(self.train_data):
             return None
-        if shards > 1:
-            batch = self.train_data.get_batch_shards(st.epoch, st.batch_in_epoch, shards)
-        else:
-            batch = self.train_data.get_batch(st.epoch, st.batch_in_epoch)
+        batch = (self.train_data.get_batch_shards(st.epoch, st.batch_in_epoch, shards) if shards > 1
+                 else self.train_data.get_batch(st.epoch, st.batch_in_epoch))
         st.batch_in_epoch += 1
         return batch
 
