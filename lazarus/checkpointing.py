@@ -86,19 +86,16 @@ def _tmp_name(path: Path, suffix: str) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}"
 
 
-def atomic_save_safetensors(path: str | os.PathLike, arrays: dict, metadata: dict | None = None) -> None:
-    """Write ``arrays`` to ``path`` via a temporary file, fsync and rename; the metadata gains
-    ``lazarus_crc32``. Writes go through a Python file so a full disk raises (MLX's own
-    writer does not report short writes); any OSError becomes a :class:`CheckpointError`
-    naming the path."""
+def _atomic_write(path: str | os.PathLike, suffix: str, mode: str, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync, rename over ``path``, fsync the
+    folder. Any OSError (a full disk included: writes go through a Python file, which reports short
+    writes) becomes a :class:`CheckpointError` naming the path; the temporary file never stays."""
     path = Path(path)
-    tmp = _tmp_name(path, ".tmp.safetensors")
-    mx.eval(arrays)
-    meta = dict(metadata or {}, lazarus_crc32=checksum(arrays))
+    tmp = _tmp_name(path, suffix)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            mx.save_safetensors(f, arrays, metadata=meta)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -108,24 +105,17 @@ def atomic_save_safetensors(path: str | os.PathLike, arrays: dict, metadata: dic
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def atomic_save_safetensors(path: str | os.PathLike, arrays: dict, metadata: dict | None = None) -> None:
+    """Write ``arrays`` to ``path`` atomically; the metadata gains ``lazarus_crc32``."""
+    mx.eval(arrays)
+    meta = dict(metadata or {}, lazarus_crc32=checksum(arrays))
+    _atomic_write(path, ".tmp.safetensors", "wb", lambda f: mx.save_safetensors(f, arrays, metadata=meta))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path, ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    _atomic_write(path, ".tmp", "w", lambda f: f.write(text))
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -45,14 +45,9 @@ class Checkpoint(Callback):
             raise ValueError("Checkpoint interval must be >= 1 (or None to disable)")
         if keep_last is not None and keep_last < 1:
             raise ValueError("keep_last must be >= 1")
-        self.dir = Path(dir)
-        self.interval = interval
-        self.monitor = monitor
-        self.mode = mode
-        self.keep_last = keep_last
-        self.save_best = save_best
-        self.save_final = save_final
-        self.strict = strict
+        self.dir, self.interval, self.keep_last = Path(dir), interval, keep_last
+        self.monitor, self.mode, self.strict = monitor, mode, strict
+        self.save_best, self.save_final = save_best, save_final
         self._monitor: Monitor | None = None
         self.best_value: float | None = None
         self.best_step: int | None = None
