@@ -60,7 +60,7 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_tokens: int = 6) ->
     from mlx_lm import generate
     from mlx_lm.sample_utils import make_sampler
 
-    from lazarus.cli import chat_prompt_ids
+    from lazarus.data import chat_prompt_ids
 
     sampler = make_sampler(temp=0.0)
     return [generate(model, tokenizer, prompt=chat_prompt_ids(tokenizer, p), max_tokens=max_tokens,
@@ -235,10 +235,28 @@ def run_demo(output: str | Path = "demo_output", quick: bool = False, progress: 
     return summary
 
 
-def main(argv=None) -> int:
-    from lazarus.cli import main as cli_main
+def add_arguments(parser) -> None:
+    """The flags of ``lazarus demo`` (and of ``python -m lazarus.demo``)."""
+    parser.add_argument("--output", "-o", default="demo_output", metavar="DIR", help="[default: demo_output]")
+    parser.add_argument("--quick", action="store_true", help="a few steps only (for tests); numbers mean little")
+    parser.add_argument("--progress", dest="progress", action="store_true", default=None,
+                        help="always show progress bars [default: when stdout is a terminal]")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
 
-    return cli_main(["demo", *(argv if argv is not None else sys.argv[1:])])
+
+def command(args) -> int:
+    """``lazarus demo`` with the flags of :func:`add_arguments`."""
+    run_demo(output=args.output, quick=args.quick, progress=args.progress)
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m lazarus.demo [flags]``: the same as ``lazarus demo [flags]``."""
+    from lazarus.cli_common import CommandParser, HelpFormatter, run_command
+
+    parser = CommandParser(prog="lazarus")  # parsed as `lazarus demo ...`: the same help and usage errors
+    add_arguments(parser.add_subparsers().add_parser("demo", formatter_class=HelpFormatter))
+    return run_command(command, parser.parse_args(["demo", *(argv if argv is not None else sys.argv[1:])]))
 
 
 if __name__ == "__main__":

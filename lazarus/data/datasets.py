@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from lazarus.data.chat import has_chat_template, prompt_ids
+
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".ndjson")
 #: A text longer than ``max_length * CHARS_PER_TOKEN_BOUND`` characters is cut to that many before
 #: tokenizing: it cannot fit anyway, and tokenizing a multi-megabyte line would take seconds.
@@ -107,7 +109,7 @@ class _Tokenizing:
     def __init__(self, tokenizer, max_length, use_chat_template, system_prompt):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        has_template = bool(getattr(tokenizer, "chat_template", None))
+        has_template = has_chat_template(tokenizer)
         self.use_chat_template = has_template if use_chat_template is None else bool(use_chat_template)
         if self.use_chat_template and not has_template:
             raise ValueError("use_chat_template=True but the tokenizer has no chat template")
@@ -124,7 +126,6 @@ class _Tokenizing:
         return text if limit is None or len(text) <= limit else text[:limit]
 
     def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
-        tok = self.tokenizer
         if isinstance(prompt, list):  # chat messages
             msgs = [dict(m, content=self._cut(m["content"])) for m in prompt]
             self._prompt_cut = any(m["content"] != c["content"] for m, c in zip(prompt, msgs))
@@ -133,11 +134,7 @@ class _Tokenizing:
             self._prompt_cut = len(msgs[0]["content"]) < len(prompt)
         if self.system_prompt and (not msgs or msgs[0]["role"] != "system"):
             msgs = [{"role": "system", "content": self.system_prompt}] + msgs
-        if self.use_chat_template:
-            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            return list(tok.encode(text, add_special_tokens=False))
-        text = "\n".join(m["content"] for m in msgs)
-        return list(tok.encode(text, add_special_tokens=True))
+        return prompt_ids(self.tokenizer, msgs, self.use_chat_template)
 
     def encode_response(self, response: str) -> list[int]:
         cut = self._cut(response)

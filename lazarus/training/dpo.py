@@ -78,8 +78,15 @@ class DPOTrainer(Trainer):
     config_class = DPOTrainerConfig
     dataset_class = PreferenceDataset
 
-    def __init__(self, model, reference_model, tokenizer, config: DPOTrainerConfig | None = None,
+    def __init__(self, model, reference_model=None, tokenizer=None, config: DPOTrainerConfig | None = None,
                  callbacks=None, optimizer=None):
+        # positional order (policy, reference, tokenizer, config); as keywords the reference may be left out
+        if tokenizer is None:
+            raise TypeError("DPOTrainer needs a tokenizer: DPOTrainer(policy, reference_or_None, tokenizer, config) "
+                            "or DPOTrainer(model=..., tokenizer=..., reference_model=...)")
+        if reference_model is not None and not isinstance(reference_model, nn.Module):
+            raise TypeError(f"reference_model must be an mlx.nn.Module or None, got {type(reference_model).__name__} "
+                            "(positional order: DPOTrainer(policy, reference, tokenizer, config))")
         self.reference_model = reference_model
         self.ref_cache: dict[str, np.ndarray] = {}
         self._cache_datasets: dict = {}
