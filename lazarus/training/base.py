@@ -18,10 +18,11 @@ from lazarus.callbacks import (Callback, Checkpoint, GradientClipping, LRSchedul
                                TerminateOnNaN)
 from lazarus.data import DataLoader
 from lazarus.loop import Loop, TrainResult
-from lazarus.protocols import DefaultHooks
 from lazarus.models import fast_cpu
 from lazarus.models.loading import context_length
+from lazarus.models.mlx_lm_patches import enable_grad_checkpoint
 from lazarus.models.lora import lora_settings, save_adapters
+from lazarus.protocols import DefaultHooks
 
 
 def token_logps(model, inputs, targets, temperature: float = 1.0):
@@ -252,31 +253,3 @@ class Trainer(DefaultHooks):
         if lora_settings(self.model) is None:
             return None
         return save_adapters(self.model, directory)
-
-
-def enable_grad_checkpoint(model) -> None:
-    """Recompute each transformer block in the backward pass instead of storing activations.
-
-    ``__call__`` is looked up on the class, so the block class gets a wrapper once; the wrapper
-    only checkpoints instances that were flagged here, leaving other models untouched."""
-    layers = getattr(model, "layers", None)
-    if not layers:
-        raise ValueError("grad_checkpoint needs a model with .layers (transformer blocks)")
-    cls = type(layers[0])
-    if not getattr(cls, "_lazarus_checkpoint_wrapper", False):
-        original = cls.__call__
-
-        def call(self, *args, **kwargs):
-            if not getattr(self, "_lazarus_grad_checkpoint", False):
-                return original(self, *args, **kwargs)
-
-            def inner(params, *a, **k):
-                self.update(params)
-                return original(self, *a, **k)
-
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-        cls.__call__ = call
-        cls._lazarus_checkpoint_wrapper = True
-    for layer in layers:
-        object.__setattr__(layer, "_lazarus_grad_checkpoint", True)
