@@ -36,6 +36,7 @@ def main():
     digest = hashlib.sha256(b"".join(w[k].tobytes() for k in sorted(w))).hexdigest()
     with open(os.path.join(out, f"grpo_rank{rank}.json"), "w") as f:
         json.dump({"digest": digest, "prompts": seen, "losses": [h["loss"] for h in result.history],
+                   "rewards": [h["reward"] for h in result.history],  # means over both ranks: equal on both
                    "steps": result.state.step}, f)
 
 

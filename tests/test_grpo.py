@@ -125,7 +125,7 @@ def _trainer(tiny, tmp_path, examples, **kw):
 
 def test_first_pass_ratio_is_exactly_one(tiny, tmp_path, examples):
     trainer, ds = _trainer(tiny, tmp_path, examples, clip_epsilon=1e-7)
-    batches = trainer.rollout(State(), ds.collate([0, 1, 2, 3]))
+    batches = trainer.rollout(State(), ds.collate([0, 1, 2, 3])).batches
     assert len(batches) == 1 and "old_logps" not in batches[0] and "ref_logps" not in batches[0]
     arrays = {k: v for k, v in batches[0].items() if isinstance(v, mx.array)}
     loss, metrics = trainer.compute_loss(trainer.model, arrays)
@@ -133,14 +133,21 @@ def test_first_pass_ratio_is_exactly_one(tiny, tmp_path, examples):
     # two iterations: the first pass is scored against the sampling policy's own log-probs
     trainer, ds = _trainer(tiny, tmp_path, examples, num_iterations=2, num_minibatches=2, beta=0.1)
     trainer.snapshot_reference()  # what train() does first
-    batches = trainer.rollout(State(), ds.collate([0, 1, 2, 3]))
+    batches, metrics = trainer.rollout(State(), ds.collate([0, 1, 2, 3]))
     assert len(batches) == 4
     b = batches[0]
     lp = token_logps(trainer.model, b["inputs"], b["targets"], 1.0)
     diff = mx.abs(lp - b["old_logps"]) * b["mask"]
     assert mx.max(diff).item() < 1e-5
     assert mx.max(mx.abs(b["ref_logps"] - b["old_logps"]) * b["mask"]).item() < 1e-5  # ref = start weights
-    assert batches[0]["log/reward"].item() == batches[3]["log/reward"].item()
+    # the rollout's metrics travel beside its batches (host floats), not inside them
+    assert set(metrics) == {"reward", "reward_std", "rewards/favour_seven", "frac_reward_zero_std",
+                            "completions/mean_length", "completions/min_length", "completions/max_length",
+                            "completions/clipped_ratio"}
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert not any(k.startswith("log/") for b in batches for k in b)
+    loss, step_metrics = trainer.compute_loss(trainer.model, {k: v for k, v in b.items() if isinstance(v, mx.array)})
+    assert set(step_metrics) == {"kl", "clip_ratio"}
 
 
 def test_grpo_raises_a_token_reward(tiny, tmp_path, examples):
@@ -213,8 +220,16 @@ def test_grpo_evaluate_and_guide_snippet(tiny_dir, tmp_path, monkeypatch, exampl
     assert result.stop_reason.startswith("max_steps") and (tmp_path / "checkpoints" / "final.safetensors").exists()
     assert (tmp_path / "checkpoints" / "adapters.safetensors").exists()
     ev = trainer.evaluate(examples / "prompts_eval.jsonl")
-    assert set(ev) >= {"loss", "reward", "rewards/reward_fn", "completions/mean_length"}
-    assert ev["loss"] == -ev["reward"] and 0 <= ev["reward"] <= 1
+    assert set(ev) == {"reward", "rewards/reward_fn", "completions/mean_length", "completions/min_length",
+                       "completions/max_length", "completions/clipped_ratio"}  # RL evaluation has no loss
+    assert 0 <= ev["reward"] <= 1
+    # the run's own evaluation (at the end) logs the same names under eval/, the steps their TRL names
+    evals = [h for h in result.history if any(k.startswith("eval/") for k in h)]
+    assert len(evals) == 1 and set(evals[0]) == {"step"} | {f"eval/{k}" for k in ev}
+    assert evals[0]["eval/reward"] == pytest.approx(ev["reward"])  # same weights, greedy both times
+    steps = [h for h in result.history if "loss" in h]
+    assert len(steps) == 1 and {"reward", "reward_std", "rewards/reward_fn", "frac_reward_zero_std", "clip_ratio",
+                                "completions/mean_length", "timing/rollout_share"} <= set(steps[0])
 
 
 def test_example_runs_quick(tmp_path):
@@ -228,6 +243,21 @@ def test_example_runs_quick(tmp_path):
     out = mod.main(["--quick", "--output", str(tmp_path)])
     assert set(out["before"]) == set(out["after"]) == {"greedy", "sampled"}
     assert len(out["history"]) == 3 and all(math.isfinite(h["loss"]) for h in out["history"])
+
+
+def test_eval_loss_monitors_watch_eval_reward_the_other_way_round(tiny, tmp_path, examples):
+    """RL evaluation logs no eval/loss (it used to be -eval/reward): callbacks watching it switch."""
+    from lazarus.callbacks import Checkpoint, EarlyStopping
+
+    model, tok = tiny
+    ds = PromptDataset(examples / "prompts_train.jsonl", tok)
+    es = EarlyStopping(stopping_threshold=-0.5)  # default monitor eval/loss, mode min
+    ck = Checkpoint(str(tmp_path / "ck"), interval=None, monitor="eval/loss")
+    trainer = GRPOTrainer(model, tok, GRPOConfig(group_size=2, max_completion_length=2, max_steps=1, log_interval=1),
+                          reward_fn=favour_seven, callbacks=[es, ck])
+    trainer.train(ds, eval_dataset=ds)
+    assert (es.monitor, es.mode, es.stopping_threshold) == ("eval/reward", "max", 0.5)
+    assert (ck.monitor, ck.mode) == ("eval/reward", "max")
 
 
 def test_wrong_dataset_kind_is_a_clear_error(tiny, tmp_path, examples):
@@ -277,7 +307,7 @@ def test_dapo_normalises_by_the_whole_generation_batch(tiny, tmp_path, examples)
     batch (not the minibatch's own), with equal weight per rank."""
     trainer, ds = _trainer(tiny, tmp_path, examples, num_minibatches=2)
     trainer.rewards.funcs[0] = char_hash
-    batches = trainer.rollout(State(), ds.collate([0, 1, 2, 3]))
+    batches = trainer.rollout(State(), ds.collate([0, 1, 2, 3])).batches
     assert len(batches) == 2 and all("old_logps" in b for b in batches)
     total_tokens = sum(b["num_tokens"] for b in batches)
     assert 0 < batches[0]["num_tokens"] < total_tokens
@@ -301,7 +331,7 @@ def test_completions_no_reward_function_scored_get_advantage_zero(tiny, tmp_path
     trainer = GRPOTrainer(model, tok, GRPOConfig(group_size=4, max_completion_length=6, batch_size=4),
                           reward_funcs=[sometimes, rarely])
     ds = PromptDataset(examples / "prompts_train.jsonl", tok)
-    adv = np.array(trainer.rollout(State(), ds.collate([0, 1, 2, 3]))[0]["advantages"])
+    adv = np.array(trainer.rollout(State(), ds.collate([0, 1, 2, 3])).batches[0]["advantages"])
     comps = trainer.last_completions.texts
     total = np.array([(0.0 if i % 4 < 2 else char_hash([], [c])[0]) + (np.nan if i % 4 == 0 else len(c) % 3)
                       for i, c in enumerate(comps)])

@@ -110,13 +110,14 @@ def test_ppo_rollout_batches(tiny, tmp_path, examples):
     trainer, ds = _trainer(model, tok, tmp_path, examples, group_size=2, ppo_epochs=3, num_minibatches=2,
                            beta=0.1, missing_eos_penalty=1.0)
     trainer.snapshot_reference()  # what train() does first
-    batches = trainer.rollout(State(), ds.collate(list(range(8))))
+    batches, metrics = trainer.rollout(State(), ds.collate(list(range(8))))
     assert len(batches) == 6
     b = batches[0]
     assert b["inputs"].shape[0] == 8 and b["advantages"].shape == b["mask"].shape
     adv = np.array(b["advantages"])[np.array(b["mask"]) > 0]
     assert abs(adv.mean()) < 0.5  # whitened over the whole rollout, this is one half of it
-    assert b["log/kl"].item() == pytest.approx(0.0, abs=1e-4)  # policy == reference at the start
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference at the start
+    assert {"reward", "reward_std", "rewards/favour_seven", "non_score_reward", "completions/mean_length"} <= set(metrics)
     # the first minibatch is scored by the sampling policy: ratio 1 up to float noise
     logits, values = trainer.value_model.logits_and_values(b["inputs"])
     from lazarus.training.base import logps_from_logits

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import Field
 
 from lazarus.training.base import token_logps
+from lazarus.protocols import Rollout
 from lazarus.training.online_rl import OnlineRLConfig, OnlineRLTrainer, masked_mean, pack_sequences
 
 
@@ -123,7 +124,7 @@ class GRPOTrainer(OnlineRLTrainer):
     def steps_per_rollout(self) -> int:
         return self.config.num_iterations * self.config.num_minibatches
 
-    def rollout(self, state, prompt_batch) -> list[dict]:
+    def rollout(self, state, prompt_batch) -> Rollout:
         t0 = time.perf_counter()
         c = self.config
         comps, prompts, columns = self.sample(prompt_batch, c.group_size)
@@ -145,7 +146,6 @@ class GRPOTrainer(OnlineRLTrainer):
         metrics = {"reward": float(total.mean()), "reward_std": float(group_std.mean()),
                    **self._per_reward_means(per),
                    "frac_reward_zero_std": float(np.mean(group_std < 1e-6)), **comps.metrics()}
-        logs = self.log_arrays(metrics)
         if c.loss_type == "dapo":
             # TRL: each rank divides its minibatch's token sum by (completion tokens of the whole
             # generation batch, all ranks) / ranks, and ranks are averaged with equal weight
@@ -157,9 +157,8 @@ class GRPOTrainer(OnlineRLTrainer):
                 part.update(loss_normalizer=normalizer, loss_weight=mx.array(1.0))
             else:  # a mean over this rank's sequences: weighted by their number
                 part["loss_weight"] = mx.array(float(len(idx)))
-            batches.append({**part, **logs, "num_tokens": int(mask[idx].sum())})
-        self._finish_rollout(t0)
-        return batches
+            batches.append({**part, "num_tokens": int(mask[idx].sum())})
+        return self.rollout_result(t0, batches, metrics, n)
 
     def compute_loss(self, model, batch):
         c = self.config
@@ -169,4 +168,4 @@ class GRPOTrainer(OnlineRLTrainer):
                                   clip_epsilon_high=c.clip_epsilon_high, loss_type=c.loss_type,
                                   max_completion_length=c.max_completion_length,
                                   normalizer=batch.get("loss_normalizer"))
-        return loss, {**metrics, **self.passthrough_metrics(batch)}
+        return loss, metrics

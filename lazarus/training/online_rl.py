@@ -1,6 +1,11 @@
 """What GRPO and PPO share: their common config fields and :class:`OnlineRLTrainer` (rewards,
 sampling a prompt batch, the frozen reference, evaluation by generation, rollout timing), plus the
 helpers that turn a rollout into per-step minibatches.
+
+A rollout hands the Loop a :class:`~lazarus.protocols.Rollout`: its training batches and its host
+metrics (reward, completion lengths...), which the Loop logs with every step those batches feed.
+Evaluation is the Loop's ``eval_step``: :meth:`OnlineRLTrainer.evaluate_prompts` generates greedily
+from each eval batch's prompts and scores the completions.
 """
 
 from __future__ import annotations
@@ -14,15 +19,14 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from pydantic import Field, model_validator
 
+from lazarus.callbacks import Checkpoint, EarlyStopping
 from lazarus.data import PromptDataset
 from lazarus.data.batching import DataLoader
 from lazarus.models.lora import adapters_disabled, lora_settings
+from lazarus.protocols import Rollout
 from lazarus.training.base import Trainer, TrainerConfig, token_logps
 from lazarus.training.generation import Completions, draw_key, eos_token_ids, eval_mode, generate_completions, pad_token_id
 from lazarus.training.rewards import RewardFunctions
-
-#: Prefix of batch entries that ``compute_loss`` passes through as logged metrics.
-LOG_PREFIX = "log/"
 
 
 # ---------------------------------------------------------------------------------- rollout batches
@@ -156,8 +160,6 @@ class OnlineRLTrainer(Trainer):
         return 1
 
     def train(self, dataset, eval_dataset=None, resume_from=None, allow_data_change: bool = False):
-        from lazarus.callbacks import Checkpoint
-
         dataset = self.as_dataset(dataset)
         for ds in (dataset, self.as_dataset(eval_dataset) if eval_dataset is not None else None):
             if ds is not None and not (len(ds) and "prompt_ids" in ds.collate([0])):
@@ -167,12 +169,26 @@ class OnlineRLTrainer(Trainer):
         if ckpt_cb is not None and ckpt_cb.monitor is None:
             ckpt_cb.monitor = "eval/reward" if eval_dataset is not None else "reward"
             ckpt_cb.mode = "max"
+        if eval_dataset is not None:
+            self._watch_reward_not_loss()
         if self._needs_snapshot():  # prepare() takes it (after the ranks are synchronised); a resumed
             self._ref_params = None  # run gets the snapshot saved in its checkpoint instead
         return super().train(dataset, eval_dataset, resume_from, allow_data_change)
 
+    def _watch_reward_not_loss(self) -> None:
+        """RL evaluation logs ``eval/reward`` and no ``eval/loss``: a callback watching ``eval/loss``
+        (EarlyStopping's default) watches ``eval/reward`` instead, the other way round (the loss
+        used to be ``-reward``), so it decides exactly as before."""
+        for cb in self.callbacks:
+            if isinstance(cb, (Checkpoint, EarlyStopping)) and cb.monitor == "eval/loss":
+                cb.monitor = "eval/reward"
+                cb.mode = {"min": "max", "max": "min"}.get(cb.mode, cb.mode)
+                if getattr(cb, "stopping_threshold", None) is not None:
+                    cb.stopping_threshold = -cb.stopping_threshold
+
     def build_loop(self, train_loader, eval_loader=None, **kwargs):
         kwargs.setdefault("rollout", self.rollout)
+        kwargs.setdefault("eval_step", self.evaluate_prompts)
         return super().build_loop(train_loader, eval_loader, **kwargs)
 
     # ---- data ---------------------------------------------------------------------------
@@ -186,24 +202,15 @@ class OnlineRLTrainer(Trainer):
         if split == "train":
             return DataLoader(dataset, c.batch_size, shuffle=True, seed=c.seed, collate_fn=dataset.collate)
         return DataLoader(dataset, c.batch_size * c.group_size, shuffle=False, bucket=False,
-                          collate_fn=self._eval_collate(dataset))
+                          collate_fn=dataset.collate)
 
-    def _eval_collate(self, dataset):
-        def collate(indices, pad_multiple: int = 8):
-            batch = dataset.collate(indices, pad_multiple)
-            comps = self.generate(batch["prompt_ids"], temperature=0.0)  # greedy: draws no random numbers
-            total, per = self.rewards(batch["prompts"], comps.texts, batch["columns"])
-            metrics = {"reward": float(total.mean()), **self._per_reward_means(per), **comps.metrics()}
-            out = {LOG_PREFIX + k: mx.array(v, dtype=mx.float32) for k, v in metrics.items()}
-            out["loss_weight"] = mx.array(float(len(indices)))
-            return out
-        return collate
-
-    def eval_loss(self, model, batch):
-        """Evaluation generates greedily from each eval prompt and scores it; ``loss`` is
-        ``-reward`` so loss-watching tools (best checkpoint, early stopping) also work."""
-        metrics = {k[len(LOG_PREFIX):]: v for k, v in batch.items() if k.startswith(LOG_PREFIX)}
-        return -metrics["reward"], metrics
+    def evaluate_prompts(self, batch: dict) -> tuple[dict[str, float], float]:
+        """The Loop's ``eval_step``: one greedy completion per prompt of ``batch`` (a collated prompt
+        batch), scored by the reward functions. Returns the batch's mean ``reward``,
+        ``rewards/<name>`` and ``completions/*``, and its weight: the number of prompts."""
+        comps = self.generate(batch["prompt_ids"], temperature=0.0)  # greedy: draws no random numbers
+        total, per = self.rewards(batch["prompts"], comps.texts, batch["columns"])
+        return {"reward": float(total.mean()), **self._per_reward_means(per), **comps.metrics()}, float(len(comps))
 
     # ---- sampling and scoring -------------------------------------------------------------
     def generate(self, prompt_ids, temperature: float | None = None) -> Completions:
@@ -236,20 +243,27 @@ class OnlineRLTrainer(Trainer):
             out[f"rewards/{name}"] = float(vals[ok].mean()) if ok.any() else 0.0
         return out
 
-    def all_ranks_sum(self, x: float) -> float:
-        """``x`` summed over the data-parallel ranks (a collective: every rank must call it)."""
+    def _all_sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over the data-parallel ranks (one collective: every rank must call it)."""
         loop = self.loop
         if loop is None or loop.group is None:
-            return x
-        return mx.distributed.all_sum(mx.array(x, dtype=mx.float32), group=loop.group).item()
+            return list(values)
+        return mx.distributed.all_sum(mx.array(values, dtype=mx.float32), group=loop.group).tolist()
 
-    @staticmethod
-    def log_arrays(metrics: dict[str, float]) -> dict:
-        return {LOG_PREFIX + k: mx.array(float(v), dtype=mx.float32) for k, v in metrics.items()}
+    def all_ranks_sum(self, x: float) -> float:
+        """``x`` summed over the data-parallel ranks (a collective: every rank must call it)."""
+        return self._all_sum([x])[0]
 
-    @staticmethod
-    def passthrough_metrics(batch: dict) -> dict:
-        return {k[len(LOG_PREFIX):]: v for k, v in batch.items() if k.startswith(LOG_PREFIX)}
+    def rollout_result(self, t0: float, batches: list[dict], metrics: dict[str, float], rows: int) -> Rollout:
+        """The Loop's :class:`Rollout` of a rollout that started at ``t0``; with several ranks
+        ``metrics`` become means over the whole generation batch (each rank's weighted by its
+        ``rows``), so the logs show every rank's completions, not rank 0's alone."""
+        if self.loop is not None and self.loop.group is not None:
+            names = sorted(metrics)
+            *sums, total = self._all_sum([float(metrics[k]) * rows for k in names] + [float(rows)])
+            metrics = {k: v / max(total, 1.0) for k, v in zip(names, sums)}
+        self._finish_rollout(t0)
+        return Rollout(batches, metrics)
 
     # ---- log-probs of the rollout ---------------------------------------------------------
     def policy_logps(self, inputs, targets, chunk: int):
@@ -335,5 +349,5 @@ class OnlineRLTrainer(Trainer):
         self._rollout_seconds += time.perf_counter() - t0
 
 
-__all__ = ["OnlineRLConfig", "OnlineRLTrainer", "LOG_PREFIX", "pack_sequences", "masked_mean", "chunked",
+__all__ = ["OnlineRLConfig", "OnlineRLTrainer", "pack_sequences", "masked_mean", "chunked",
            "split_minibatches", "take_rows", "trim_width"]

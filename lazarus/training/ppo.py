@@ -29,6 +29,7 @@ from lazarus import checkpointing as ckpt
 from lazarus.rng import seeded_rng
 from lazarus.training.base import logps_from_logits
 from lazarus.training.generation import eval_mode
+from lazarus.protocols import Rollout
 from lazarus.training.online_rl import OnlineRLConfig, OnlineRLTrainer, chunked, masked_mean, pack_sequences
 
 
@@ -225,7 +226,7 @@ class PPOTrainer(OnlineRLTrainer):
         with eval_mode(self.model):
             return chunked(fn, inputs.shape[0], chunk, inputs, targets)
 
-    def rollout(self, state, prompt_batch) -> list[dict]:
+    def rollout(self, state, prompt_batch) -> Rollout:
         t0 = time.perf_counter()
         c = self.config
         comps, prompts, columns = self.sample(prompt_batch, c.group_size)
@@ -258,13 +259,11 @@ class PPOTrainer(OnlineRLTrainer):
                   "advantages": mx.array(adv.astype(np.float32)), "returns": mx.array(returns.astype(np.float32))}
         metrics.update({"reward": float(total.mean()), "reward_std": float(total.std()),
                         **self._per_reward_means(per), **comps.metrics()})
-        logs = self.log_arrays(metrics)
         batches = []
         for idx, part in self.minibatches(arrays, n, c.ppo_epochs, state.step, salt=11):
             # each rank's token mean counts equally, as TRL's per-process mean averaged over processes
-            batches.append({**part, **logs, "loss_weight": mx.array(1.0), "num_tokens": int(mask[idx].sum())})
-        self._finish_rollout(t0)
-        return batches
+            batches.append({**part, "loss_weight": mx.array(1.0), "num_tokens": int(mask[idx].sum())})
+        return self.rollout_result(t0, batches, metrics, n)
 
     # ---- objective ------------------------------------------------------------------------
     def compute_loss(self, model, batch):
@@ -274,7 +273,7 @@ class PPOTrainer(OnlineRLTrainer):
         loss, metrics = ppo_loss(logps, values, batch["mask"], batch["old_logps"], batch["old_values"],
                                  batch["advantages"], batch["returns"], clip_epsilon=c.clip_epsilon,
                                  value_clip_epsilon=c.value_clip_epsilon, vf_coef=c.vf_coef)
-        return loss, {**metrics, **self.passthrough_metrics(batch)}
+        return loss, metrics
 
     # ---- checkpoints ------------------------------------------------------------------------
     def load_checkpoint(self, path) -> None:
