@@ -25,8 +25,9 @@ import argparse
 import sys
 from pathlib import Path
 
+# EXIT_CODES, classify_error, RUN_KEYS, config_fields, _fmt_default and load_paradigm: importable from here too
 from lazarus.cli_common import (EXIT_CODES, CLIError, CommandParser, HelpFormatter, classify_error,  # noqa: F401
-                                one_line, run_command)
+                                run_command)
 from lazarus.run_config import (RUN_KEYS, _fmt_default, build_callbacks, config_fields, config_help,  # noqa: F401
                                 load_paradigm, lora_kwargs, path_value, resolve_train_config, reward_kwargs)
 from lazarus.run_folder import exit_code, prepare_output, print_summary, run_files_callback, write_history
