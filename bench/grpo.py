@@ -37,7 +37,7 @@ import numpy as np
 from lazarus.data import PromptDataset
 from lazarus.models import create_tiny_model, load_model
 from lazarus.models.tiny import EXAMPLES
-from lazarus.training import rollout as ro
+from lazarus.training import generation as ro
 from lazarus.training.grpo import GRPOConfig, GRPOTrainer
 
 

@@ -103,7 +103,8 @@ class Loop:
         self.streams = [mx.new_stream(mx.cpu) for _ in range(self.cpu_streams)] if self.cpu_streams > 1 else []
         self.state = State(model=model, optimizer=optimizer, trainer=trainer, config=config, max_steps=max_steps,
                            num_epochs=num_epochs, rank=self.rank, world_size=self.world_size,
-                           has_eval_data=eval_data is not None, checkpoint_writer=self.save_checkpoint)
+                           has_eval_data=eval_data is not None, checkpoint_writer=self.save_checkpoint,
+                           default_monitors=(self.hooks.default_monitor(True), self.hooks.default_monitor(False)))
         self.pending: list[tuple[dict, dict]] = []  # rollout batches not yet trained on, with their metrics
         self.epoch_open, self.interval, self.optimizer_step = False, IntervalMetrics(), None
         self._step_extra: dict[str, float] = {}  # the metrics of the rollout that fed this step

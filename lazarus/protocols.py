@@ -71,6 +71,7 @@ class TrainerHooks(Protocol):
     def resume_state(self) -> tuple[dict, dict]: ...
     def load_resume_state(self, arrays: dict, doc: dict) -> None: ...
     def save_adapters(self, directory: str | os.PathLike) -> Path | None: ...
+    def default_monitor(self, evaluated: bool) -> str: ...
 
 
 class DefaultHooks:
@@ -95,8 +96,13 @@ class DefaultHooks:
         """Write files that belong beside every checkpoint (mlx-lm's adapters with LoRA)."""
         return None
 
+    def default_monitor(self, evaluated: bool) -> str:
+        """The metric EarlyStopping and Checkpoint watch when not told: the eval one when the run
+        evaluates (``evaluated``), else the training one. Online RL says ``eval/reward``/``reward``."""
+        return "eval/loss" if evaluated else "loss"
+
 
 def missing_hooks(obj) -> list[str]:
     """The :class:`TrainerHooks` methods ``obj`` lacks (for a clear error)."""
     return [name for name in ("steps_per_rollout", "derived_metrics", "resume_state", "load_resume_state",
-                              "save_adapters") if not callable(getattr(obj, name, None))]
+                              "save_adapters", "default_monitor") if not callable(getattr(obj, name, None))]

@@ -45,6 +45,8 @@ class State:
     world_size: int = 1
     has_eval_data: bool = False  # the run has an eval set (evaluations will happen)
     checkpoint_dir: str | None = None  # where the Checkpoint callback writes (reported in the result)
+    #: what a monitor left unset watches: (when the run evaluates, when it does not); see TrainerHooks.default_monitor
+    default_monitors: tuple[str, str] = ("eval/loss", "loss")
     # Requests (carried out by the Loop)
     stop_reason: str | None = None
     eval_requested: bool = False

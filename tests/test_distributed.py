@@ -89,6 +89,7 @@ def test_two_rank_grpo_shares_prompts_and_stays_in_sync(tiny_dir, data):
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = (json.loads((out / f"grpo_rank{r}.json").read_text()) for r in (0, 1))
     assert r0["digest"] == r1["digest"] and r0["losses"] == r1["losses"] and r0["steps"] == 3
+    assert r0["rewards"] == r1["rewards"]  # rollout metrics averaged over both ranks
     # each rank scored its own half of every global prompt batch (2 prompts x group 2 per step)
     assert len(r0["prompts"]) == len(r1["prompts"]) == 3 * 2 * 2
     assert not set(r0["prompts"]) & set(r1["prompts"])

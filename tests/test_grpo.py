@@ -245,20 +245,29 @@ def test_example_runs_quick(tmp_path):
     assert len(out["history"]) == 3 and all(math.isfinite(h["loss"]) for h in out["history"])
 
 
-def test_eval_loss_monitors_watch_eval_reward_the_other_way_round(tiny, tmp_path, examples):
-    """RL evaluation logs no eval/loss (it used to be -eval/reward): callbacks watching it switch."""
+def test_unset_monitors_watch_the_reward_in_online_rl(tiny, tmp_path, examples):
+    """RL evaluation logs no eval/loss: EarlyStopping and Checkpoint left without a monitor watch
+    eval/reward (mode max), as the trainer's default_monitor says; an explicit eval/loss warns."""
+    import warnings
     from lazarus.callbacks import Checkpoint, EarlyStopping
 
     model, tok = tiny
     ds = PromptDataset(examples / "prompts_train.jsonl", tok)
-    es = EarlyStopping(stopping_threshold=-0.5)  # default monitor eval/loss, mode min
-    ck = Checkpoint(str(tmp_path / "ck"), interval=None, monitor="eval/loss")
+    es = EarlyStopping(stopping_threshold=0.5)
+    ck = Checkpoint(str(tmp_path / "ck"), interval=None)
     trainer = GRPOTrainer(model, tok, GRPOConfig(group_size=2, max_completion_length=2, max_steps=1, log_interval=1),
                           reward_fn=favour_seven, callbacks=[es, ck])
     trainer.train(ds, eval_dataset=ds)
     assert (es.monitor, es.mode, es.stopping_threshold) == ("eval/reward", "max", 0.5)
     assert (ck.monitor, ck.mode) == ("eval/reward", "max")
-
+    wrong = EarlyStopping(monitor="eval/loss")
+    trainer = GRPOTrainer(model, tok, GRPOConfig(group_size=2, max_completion_length=2, max_steps=1, log_interval=1,
+                                                 checkpoint_interval=None),
+                          reward_fn=favour_seven, callbacks=[wrong, Checkpoint(str(tmp_path / "ck2"), interval=None)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(ds, eval_dataset=ds)
+    assert any("eval/loss" in str(w.message) and "eval/reward" in str(w.message) for w in caught)
 
 def test_wrong_dataset_kind_is_a_clear_error(tiny, tmp_path, examples):
     from lazarus.data import SFTDataset

@@ -105,8 +105,8 @@ def test_every_trainer_is_built_with_the_same_keywords(tiny, tiny_dir, tmp_path)
         assert getattr(trainer, "reference_model", None) is ref
     with pytest.raises(TypeError, match="SFTTrainer does not use a reference model"):
         SFTTrainer(model=model, tokenizer=tok, reference_model=reference)
-    with pytest.raises(TypeError, match="needs a tokenizer"):
-        registry.get("dpo").trainer_class(model, reference)
+    with pytest.raises(TypeError, match="reference_model must be an mlx.nn.Module"):
+        registry.get("dpo").trainer_class(model, tok, reference)  # tokenizer where the reference goes
 
 
 def test_generation_and_datasets_encode_prompts_alike(tiny, tmp_path):

@@ -96,7 +96,7 @@ class Checkpoint(Callback):
     # --- events ---
     def on_fit_start(self, state) -> None:
         if self.monitor is None:
-            self.monitor = "eval/loss" if state.has_eval_data else "loss"
+            self.monitor = state.default_monitors[0 if state.has_eval_data else 1]
         if self.mode == "auto":
             self.mode = infer_mode(self.monitor)
         self._monitor = Monitor(self.monitor, "Checkpoint", self.strict)

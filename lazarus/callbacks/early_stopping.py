@@ -29,9 +29,10 @@ class EarlyStopping(Callback):
         if target_reward_margin is not None:
             monitor = monitor or "rewards/margins"
             stopping_threshold = target_reward_margin
-        self.monitor = monitor or "eval/loss"
-        self.mode = infer_mode(self.monitor) if mode == "auto" else mode
-        if self.mode not in ("min", "max"):
+        self._asked_monitor = monitor
+        self.monitor = monitor  # None: the trainer's eval metric (eval/loss; eval/reward for online RL), at fit start
+        self.mode = infer_mode(monitor) if mode == "auto" and monitor else mode
+        if self.mode not in ("min", "max", "auto"):
             raise ValueError(f"EarlyStopping mode must be 'min', 'max' or 'auto', got {mode!r}")
         if patience is _UNSET:
             patience = None if stopping_threshold is not None else 3
@@ -72,6 +73,12 @@ class EarlyStopping(Callback):
                 state.request_stop(f"EarlyStopping: {self.monitor} did not improve for {self.wait} "
                                    f"checks (best {self.best:.4g})")
 
+    def on_fit_start(self, state) -> None:
+        if self.monitor is None:
+            self.monitor = state.default_monitors[0]
+        if self.mode == "auto":
+            self.mode = infer_mode(self.monitor)
+
     def on_eval_end(self, state) -> None:
         if is_eval_metric(self.monitor):
             self._check(state)
@@ -82,7 +89,8 @@ class EarlyStopping(Callback):
 
     @property
     def state_key(self) -> str:
-        return f"EarlyStopping[{self.monitor}]"
+        # fixed at construction: a monitor resolved at fit start must not change the key a resume looks up
+        return f"EarlyStopping[{self._asked_monitor or 'eval/loss'}]"
 
     def state_dict(self):
         return {"best": self.best, "wait": self.wait}

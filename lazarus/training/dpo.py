@@ -80,10 +80,8 @@ class DPOTrainer(Trainer):
 
     def __init__(self, model, reference_model=None, tokenizer=None, config: DPOTrainerConfig | None = None,
                  callbacks=None, optimizer=None):
-        # positional order (policy, reference, tokenizer, config); as keywords the reference may be left out
-        if tokenizer is None:
-            raise TypeError("DPOTrainer needs a tokenizer: DPOTrainer(policy, reference_or_None, tokenizer, config) "
-                            "or DPOTrainer(model=..., tokenizer=..., reference_model=...)")
+        # positional order (policy, reference, tokenizer, config); as keywords the reference may be left out.
+        # The tokenizer may be None for a trainer that only computes losses on ready-made batches.
         if reference_model is not None and not isinstance(reference_model, nn.Module):
             raise TypeError(f"reference_model must be an mlx.nn.Module or None, got {type(reference_model).__name__} "
                             "(positional order: DPOTrainer(policy, reference, tokenizer, config))")

@@ -19,7 +19,6 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from pydantic import Field, model_validator
 
-from lazarus.callbacks import Checkpoint, EarlyStopping
 from lazarus.data import PromptDataset
 from lazarus.data.batching import DataLoader
 from lazarus.models.lora import adapters_disabled, lora_settings
@@ -165,26 +164,13 @@ class OnlineRLTrainer(Trainer):
             if ds is not None and not (len(ds) and "prompt_ids" in ds.collate([0])):
                 raise TypeError(f"{type(self).__name__} trains on prompts: pass a PromptDataset (or a JSONL path of "
                                 f"{{\"prompt\": ...}} records), got {type(ds).__name__}")
-        ckpt_cb = self.get_callback(Checkpoint)
-        if ckpt_cb is not None and ckpt_cb.monitor is None:
-            ckpt_cb.monitor = "eval/reward" if eval_dataset is not None else "reward"
-            ckpt_cb.mode = "max"
-        if eval_dataset is not None:
-            self._watch_reward_not_loss()
         if self._needs_snapshot():  # prepare() takes it (after the ranks are synchronised); a resumed
             self._ref_params = None  # run gets the snapshot saved in its checkpoint instead
         return super().train(dataset, eval_dataset, resume_from, allow_data_change)
 
-    def _watch_reward_not_loss(self) -> None:
-        """RL evaluation logs ``eval/reward`` and no ``eval/loss``: a callback watching ``eval/loss``
-        (EarlyStopping's default) watches ``eval/reward`` instead, the other way round (the loss
-        used to be ``-reward``), so it decides exactly as before."""
-        for cb in self.callbacks:
-            if isinstance(cb, (Checkpoint, EarlyStopping)) and cb.monitor == "eval/loss":
-                cb.monitor = "eval/reward"
-                cb.mode = {"min": "max", "max": "min"}.get(cb.mode, cb.mode)
-                if getattr(cb, "stopping_threshold", None) is not None:
-                    cb.stopping_threshold = -cb.stopping_threshold
+    def default_monitor(self, evaluated: bool) -> str:
+        """RL has no loss worth watching: best checkpoints and early stopping follow the reward."""
+        return "eval/reward" if evaluated else "reward"
 
     def build_loop(self, train_loader, eval_loader=None, **kwargs):
         kwargs.setdefault("rollout", self.rollout)
