@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -113,7 +113,3 @@ def adapters_disabled(model: nn.Module):
     finally:
         for m, s in zip(modules, saved):
             m.scale = s
-
-
-def settings_as_dict(settings: LoRASettings) -> dict:
-    return asdict(settings)
