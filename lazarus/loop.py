@@ -332,9 +332,11 @@ class Loop:
         """Write weights + resume state atomically, and the trainer's files beside them (rank 0;
         other ranks return None). Every rank calls it: the ranks first check they agree."""
         arrays, doc = resume.resume_payload(self)
-        weights = self.trainable_weights()
+        training = self.trainable_weights()
+        weights = self.hooks.weights_for_saving(training)
+        arrays.update(resume.master_copies(training, weights))
         mx.eval(arrays, weights)
-        self.ranks.check_agree(weights, self.state.step)
+        self.ranks.check_agree(training, self.state.step)
         if self.rank != 0:
             return None
         last = self.state.extras.get("last_checkpoint")

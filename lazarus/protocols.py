@@ -72,6 +72,7 @@ class TrainerHooks(Protocol):
     def load_resume_state(self, arrays: dict, doc: dict) -> None: ...
     def save_adapters(self, directory: str | os.PathLike) -> Path | None: ...
     def default_monitor(self, evaluated: bool) -> str: ...
+    def weights_for_saving(self, weights: dict) -> dict: ...
 
 
 class DefaultHooks:
@@ -101,8 +102,14 @@ class DefaultHooks:
         evaluates (``evaluated``), else the training one. Online RL says ``eval/reward``/``reward``."""
         return "eval/loss" if evaluated else "loss"
 
+    def weights_for_saving(self, weights: dict) -> dict:
+        """The trainable weights as a checkpoint's weights file holds them (a Trainer: in the base
+        model's dtype). Where this changes a dtype, the state file keeps the exact training copy."""
+        return weights
+
 
 def missing_hooks(obj) -> list[str]:
     """The :class:`TrainerHooks` methods ``obj`` lacks (for a clear error)."""
     return [name for name in ("steps_per_rollout", "derived_metrics", "resume_state", "load_resume_state",
-                              "save_adapters", "default_monitor") if not callable(getattr(obj, name, None))]
+                              "save_adapters", "default_monitor",
+                              "weights_for_saving") if not callable(getattr(obj, name, None))]

@@ -64,7 +64,10 @@ def restore(loop, path) -> None:
     if doc.get("world_size", 1) != loop.ranks.size and doc.get("pending"):
         raise ckpt.CheckpointError(f"{path}: saved with {doc['world_size']} ranks mid-rollout; "
                                    f"resume it with the same number of ranks")
-    loop.model.load_weights(list(weights.items()), strict=False)
+    current = st.trainable_weights()
+    masters = {k[len("master."):]: v for k, v in arrays.items() if k.startswith("master.")}
+    loop.model.load_weights([(k, masters.get(k, v).astype(current[k].dtype)) for k, v in weights.items()],
+                            strict=False)
     set_optimizer_state(loop.optimizer, [(k[len("optimizer."):], v) for k, v in arrays.items()
                                          if k.startswith("optimizer.")])
     set_rng_state(arrays["rng.mlx"], doc["rng"])
@@ -89,6 +92,12 @@ def restore(loop, path) -> None:
     loop.hooks.load_resume_state({k[len("trainer."):]: v for k, v in arrays.items() if k.startswith("trainer.")},
                                  doc.get("trainer") or {})
     st.extras["resumed_from"] = str(path)
+
+
+def master_copies(training: dict, saved: dict) -> dict:
+    """``master.<name>`` arrays for the weights whose saved copy changed dtype (a bf16 model trained
+    in float32 saves bf16 weights): the state file keeps the training copy, so resuming is exact."""
+    return {f"master.{k}": v for k, v in training.items() if saved[k].dtype != v.dtype}
 
 
 def check_same_config(path, saved: dict | None, config) -> None:

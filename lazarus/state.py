@@ -52,6 +52,8 @@ class State:
     eval_requested: bool = False
     checkpoint_requested: bool = False
     skip_reason: str | None = None
+    #: what the run trains (parameter counts, dtypes, LoRA, data size): printed and logged at fit start
+    run_info: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # free space for callbacks/trainers
     # Set by the Loop: writes weights + resume state (see save_checkpoint). Not the Loop itself:
     # callbacks act through State's methods, never on the Loop.

@@ -27,3 +27,16 @@ def scalar_items(metrics: dict):
     for name, value in metrics.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             yield name, float(value)
+
+
+def run_info_lines(info: dict) -> list[str]:
+    """``state.run_info`` as the lines printed at fit start (the trainable-parameter line as mlx-lm prints it)."""
+    if not info:
+        return []
+    trainable, total = info["trainable_parameters"], info["total_parameters"]
+    lines = [f"Trainable parameters: {100 * trainable / max(total, 1):.3f}% ({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)",
+             f"Precision: {info['precision']}", f"LoRA: {info['lora']}"]
+    data = f"Data: {info['examples']:,} examples"
+    if "tokens" in info:
+        data += f", {info['tokens']:,} tokens"
+    return lines + [data]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from lazarus.callbacks.base import Callback
+from lazarus.callbacks.logging_utils import run_info_lines
 
 
 class ProgressBar(Callback):
@@ -24,6 +25,8 @@ class ProgressBar(Callback):
         if not state.is_main_process:
             return
         file = self.file or sys.stderr
+        for line in run_info_lines(state.run_info):
+            print(line, file=file, flush=True)
         if not self.force and not (hasattr(file, "isatty") and file.isatty()):
             self.plain = file
             return

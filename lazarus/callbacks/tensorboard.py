@@ -6,7 +6,7 @@ import os
 import uuid
 
 from lazarus.callbacks.base import Callback
-from lazarus.callbacks.logging_utils import config_dict, scalar_items
+from lazarus.callbacks.logging_utils import config_dict, run_info_lines, scalar_items
 
 
 class TensorBoardLogger(Callback):
@@ -41,6 +41,9 @@ class TensorBoardLogger(Callback):
         if cfg:
             text = "\n".join(f"    {k}: {v}" for k, v in sorted(cfg.items()))
             self.writer.add_text("hparams", text, global_step=state.step)
+        if state.run_info:
+            self.writer.add_text("run_info", "\n".join(f"    {line}" for line in run_info_lines(state.run_info)),
+                                 global_step=state.step)
 
     def on_log(self, state) -> None:
         if self.writer is None:

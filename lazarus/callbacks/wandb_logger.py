@@ -70,7 +70,8 @@ class WandbLogger(Callback):
             self.run_id = uuid.uuid4().hex[:12]
         try:
             self.run = wandb.init(project=self.project, id=self.run_id, resume="allow",
-                                  config=config_dict(state.config), **self.init_kwargs)
+                                  config={**config_dict(state.config), **{f"run/{k}": v for k, v in state.run_info.items()}},
+                                  **self.init_kwargs)
         except wandb.errors.Error as e:
             raise WandbSetupError(f"W&B could not start: {e}") from None
         self.url = getattr(self.run, "url", None)

@@ -76,14 +76,16 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> nn.Module:
     return model
 
 
-def save_adapters(model: nn.Module, directory: str | Path) -> Path:
+def save_adapters(model: nn.Module, directory: str | Path, dtype: mx.Dtype | None = None) -> Path:
     """Write ``adapters.safetensors`` + ``adapter_config.json`` that ``mlx_lm.generate
-    --adapter-path`` and ``mlx_lm.fuse`` accept."""
+    --adapter-path`` and ``mlx_lm.fuse`` accept (floating weights cast to ``dtype`` when given)."""
     settings = lora_settings(model)
     if settings is None:
         raise ValueError("model has no LoRA adapters (load it with use_lora=True)")
     directory = Path(directory)
     weights = dict(tree_flatten(model.trainable_parameters()))
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     mx.eval(weights)
     atomic_save_safetensors(directory / "adapters.safetensors", weights)
     atomic_write_text(directory / "adapter_config.json",

@@ -129,16 +129,17 @@ def apply_precision(model: nn.Module, *, dtype: str = "auto", dequantize: bool |
     Floating parameters (and quantization scales/biases) are cast to the compute dtype; quantized
     layers are dequantized per ``dequantize``. Trainable/frozen status is kept: a dequantized layer
     that was frozen stays frozen. Full fine-tuning a model with quantized layers that stay quantized
-    is refused (only its norms would train)."""
+    is refused unless ``dequantize`` is ``True`` (only its norms would train; ``auto`` never decides to
+    turn a 4-bit model into a full-size one)."""
     base = base_dtype(model)
     compute = compute_dtype(dtype, base)
     quantized = quantized_modules(model)
     bits = quantized[0][1].bits if quantized else None
-    undo = should_dequantize(dequantize, quantized, compute)
-    if quantized and full_fine_tune and not undo:
+    if quantized and full_fine_tune and dequantize is not True:  # `auto` must not turn 4-bit into a full model
         raise PrecisionError(
             f"full fine-tuning a {bits}-bit model would train only its norm weights: use LoRA (--lora / "
-            "use_lora=True), or set dequantize: true to train dequantized weights")
+            "use_lora=True), or set dequantize: true to train (and save) all weights dequantized")
+    undo = should_dequantize(dequantize, quantized, compute)
     if undo:
         frozen = {name for name, _ in quantized}
         model.update_modules(tree_unflatten([(name, _plain_layer(m, compute)) for name, m in quantized]))

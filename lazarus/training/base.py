@@ -22,6 +22,7 @@ from lazarus.models import fast_cpu
 from lazarus.models.loading import context_length
 from lazarus.models.mlx_lm_patches import enable_grad_checkpoint
 from lazarus.models.lora import lora_settings, save_adapters
+from lazarus.models.precision import Precision, apply_precision, as_dtype, parameter_counts
 from lazarus.protocols import DefaultHooks
 
 
@@ -98,6 +99,14 @@ class TrainerConfig(StrictConfig):
         "auto", description="On MLX's CPU backend, compute exp-heavy layers (SwiGLU, attention softmax, "
                             "log-softmax) with a vectorised exp; auto: only where it measured faster on this "
                             "machine (once, cached); no effect on GPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="What the model computes in; auto: float32 on MLX's CPU backend (half precision is "
+                            "emulated there), the model's own dtype on a GPU")
+    dequantize: bool | Literal["auto"] = Field(
+        "auto", description="Replace frozen 4-bit layers by ordinary ones in the compute dtype; auto: on the CPU "
+                            "backend when they fit in half the available memory (4-bit matmuls are slow there)")
+    save_dtype: Literal["base", "float32", "bfloat16", "float16"] = Field(
+        "base", description="dtype of checkpoints, adapters and model folders; base: the loaded model's")
 
 
 class Trainer(DefaultHooks):
@@ -127,6 +136,7 @@ class Trainer(DefaultHooks):
         self.optimizer = optimizer
         self.callbacks = self._merge_callbacks(self.default_callbacks(), callbacks or [])
         self.loop: Loop | None = None
+        self.precision: Precision | None = None  # set when training (or evaluation) first starts
 
     # ------------------------------------------------------------------ callbacks
     def default_callbacks(self) -> list[Callback]:
@@ -208,6 +218,7 @@ class Trainer(DefaultHooks):
         """Train on ``dataset`` (a dataset object or a JSONL path); returns a TrainResult with
         ``history``, ``stop_reason`` and ``checkpoint_dir``. Resuming on training data whose
         tokens differ from the checkpoint's is refused unless ``allow_data_change``."""
+        self.apply_precision()
         dataset = self.as_dataset(dataset)
         eval_dataset = self.as_dataset(eval_dataset) if eval_dataset is not None else None
         self._fit_to_context(dataset)
@@ -216,6 +227,7 @@ class Trainer(DefaultHooks):
         train_loader.allow_data_change = allow_data_change
         eval_loader = self.make_loader(eval_dataset, "eval") if eval_dataset is not None else None
         self.loop = self.build_loop(train_loader, eval_loader)
+        self.loop.state.run_info = self.run_info(dataset)
         self.loop.sync_ranks()  # before prepare(): reference caches and snapshots see rank 0's weights
         with fast_cpu.fast_cpu_kernels(self.model, self._use_fast_kernels(self.loop)):
             self.prepare(train_loader, eval_loader, resuming=resume_from is not None)
@@ -227,6 +239,7 @@ class Trainer(DefaultHooks):
 
     def evaluate(self, dataset) -> dict[str, float]:
         """Mean eval metrics of the current model on ``dataset``."""
+        self.apply_precision()
         loader = self.make_loader(self.as_dataset(dataset), "eval")
         loop = self.build_loop(loader, loader, handle_signals=False)
         with fast_cpu.fast_cpu_kernels(self.model, self._use_fast_kernels(loop)):
@@ -239,17 +252,52 @@ class Trainer(DefaultHooks):
         kernels change float rounding, so every rank must run the same ones)."""
         return loop.ranks.rank0_choice(fast_cpu.resolve(self.config.fast_cpu_kernels) if loop.rank == 0 else False)
 
+    # ------------------------------------------------------------------ precision
+    def frozen_models(self) -> list:
+        """Models that are run but not trained (a reference model): they get the same compute dtype."""
+        ref = getattr(self, "reference_model", None)
+        return [ref] if ref is not None else []
+
+    def apply_precision(self) -> Precision:
+        """Put the model (and any reference model) in the configured dtype policy, once (see
+        :mod:`lazarus.models.precision`): on the CPU backend by default float32 compute with 4-bit
+        layers dequantized; files are written in the base model's dtype."""
+        if self.precision is None:
+            c = self.config
+            self.precision = apply_precision(self.model, dtype=c.dtype, dequantize=c.dequantize,
+                                             save_dtype=c.save_dtype, full_fine_tune=lora_settings(self.model) is None)
+            for frozen in self.frozen_models():
+                apply_precision(frozen, dtype=c.dtype, dequantize=c.dequantize)
+        return self.precision
+
+    def weights_for_saving(self, weights: dict) -> dict:
+        return weights if self.precision is None else as_dtype(weights, self.precision.save)
+
+    def run_info(self, dataset) -> dict:
+        """What this run trains, printed and logged at fit start (like mlx-lm's trainable-parameter line)."""
+        trainable, total = parameter_counts(self.train_module())
+        lora = lora_settings(self.model)
+        info = {"trainable_parameters": trainable, "total_parameters": total,
+                "precision": self.precision.describe() if self.precision else "as loaded",
+                "lora": (f"rank {lora.rank}, scale {lora.scale:g}, dropout {lora.dropout:g}, "
+                         f"{'all' if lora.num_layers < 0 else lora.num_layers} blocks") if lora else "off (full fine-tuning)",
+                "examples": len(dataset)}
+        lengths = getattr(dataset, "lengths", None)
+        if callable(lengths):
+            info["tokens"] = int(sum(lengths()))
+        return info
+
     # ------------------------------------------------------------------ checkpoints
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Load the trainable weights saved in ``path`` (step_N/best/final.safetensors)."""
         weights, _ = ckpt.read_weights(path)
         expected = dict(tree_flatten(self.model.trainable_parameters()))
         ckpt.check_compatible(path, weights, expected)
-        self.model.load_weights(list(weights.items()), strict=False)
+        self.model.load_weights([(k, v.astype(expected[k].dtype)) for k, v in weights.items()], strict=False)
         mx.eval(self.model.parameters())
 
     def save_adapters(self, directory: str | os.PathLike) -> Path | None:
         """With LoRA, write mlx-lm's ``adapters.safetensors`` + ``adapter_config.json``."""
         if lora_settings(self.model) is None:
             return None
-        return save_adapters(self.model, directory)
+        return save_adapters(self.model, directory, dtype=self.precision.save if self.precision else None)
