@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lazarus.data.chat import has_chat_template, prompt_ids
+from lazarus.data.chat import has_chat_template, prompt_ids, reply_ids, stop_ids
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".ndjson")
 #: A text longer than ``max_length * CHARS_PER_TOKEN_BOUND`` characters is cut to that many before
@@ -104,7 +104,8 @@ def _validate_all(path, records, fn):
 
 
 class _Tokenizing:
-    """Shared prompt/response tokenization (chat template aware)."""
+    """Shared prompt/response tokenization (chat template aware, see :mod:`lazarus.data.chat`):
+    a response's tokens are the template's assistant turn, ending with exactly one end token."""
 
     def __init__(self, tokenizer, max_length, use_chat_template, system_prompt):
         self.tokenizer = tokenizer
@@ -117,6 +118,9 @@ class _Tokenizing:
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise ValueError("the tokenizer has no eos_token_id; every response must end with EOS")
+        #: the tokens a complete response ends with (EOS ids and the template's end-of-turn token)
+        self.end_ids = stop_ids(tokenizer) if self.use_chat_template else {self.eos_id}
+        # Without a pad token EOS pads; padding is never in the loss mask (collate), whatever its id.
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else self.eos_id
 
@@ -125,7 +129,8 @@ class _Tokenizing:
         limit = self.max_length * CHARS_PER_TOKEN_BOUND if self.max_length else None
         return text if limit is None or len(text) <= limit else text[:limit]
 
-    def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
+    def _messages(self, prompt: str | list[dict]) -> list[dict]:
+        """The prompt as chat messages (texts cut, the system prompt first); sets ``_prompt_cut``."""
         if isinstance(prompt, list):  # chat messages
             msgs = [dict(m, content=self._cut(m["content"])) for m in prompt]
             self._prompt_cut = any(m["content"] != c["content"] for m, c in zip(prompt, msgs))
@@ -134,13 +139,21 @@ class _Tokenizing:
             self._prompt_cut = len(msgs[0]["content"]) < len(prompt)
         if self.system_prompt and (not msgs or msgs[0]["role"] != "system"):
             msgs = [{"role": "system", "content": self.system_prompt}] + msgs
-        return prompt_ids(self.tokenizer, msgs, self.use_chat_template)
+        return msgs
 
-    def encode_response(self, response: str) -> list[int]:
+    def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
+        return prompt_ids(self.tokenizer, self._messages(prompt), self.use_chat_template)
+
+    def encode_response(self, response: str, prompt: str | list[dict] = "") -> list[int]:
+        """The reply to ``prompt``: through the template's assistant turn, ending with one end token
+        (see :func:`lazarus.data.chat.reply_ids`). A response cut before tokenizing gets no end
+        token: it did not end there."""
         cut = self._cut(response)
-        ids = list(self.tokenizer.encode(cut, add_special_tokens=False))
-        # A response cut before tokenizing gets no EOS: it did not end there.
-        return ids if len(cut) < len(response) else ids + [self.eos_id]
+        msgs = self._messages(prompt) if self.use_chat_template else []
+        return reply_ids(self.tokenizer, msgs, cut, self.use_chat_template, ended=len(cut) == len(response))
+
+    def _ended(self, ids: list[int]) -> bool:
+        return bool(ids) and ids[-1] in self.end_ids
 
     def fingerprint(self) -> str:
         """SHA-256 of the tokenized examples (line numbers aside): resuming on other data of the
@@ -197,7 +210,8 @@ class SFTDataset(_Tokenizing):
     """Supervised pairs: ``{"prompt", "response"}`` or ``{"messages": [...]}`` per line.
 
     Prompts go through the tokenizer's chat template when it has one
-    (``use_chat_template=False`` turns this off). Each response ends with EOS. Examples
+    (``use_chat_template=False`` turns this off); each response is the template's assistant turn
+    and ends with one end token (the template's end of turn, or EOS). Examples
     longer than ``max_length`` are truncated (``truncation="truncate"``, counted and warned)
     or dropped (``"drop"``); a prompt that alone reaches ``max_length`` is an error. Trainers
     apply the model's context (``max_position_embeddings``) when ``max_length`` is None, so no
@@ -243,13 +257,13 @@ class SFTDataset(_Tokenizing):
             prompt = _require_str(self.path, n, rec, "prompt")
             response = _require_str(self.path, n, rec, "response")
             prompt_field = "prompt"
-        return self._fit(n, prompt_field, self.encode_prompt(prompt), self.encode_response(response))
+        return self._fit(n, prompt_field, self.encode_prompt(prompt), self.encode_response(response, prompt))
 
     def _fit(self, n, field, p, r) -> SFTExample | None:
         if self.max_length is not None:
             if len(p) >= self.max_length:
                 raise self._too_long(n, field, len(p))
-            if len(p) + len(r) > self.max_length or (r and r[-1] != self.eos_id):
+            if len(p) + len(r) > self.max_length or (r and not self._ended(r)):
                 if self.truncation == "drop":
                     self.num_dropped += 1
                     return None
@@ -320,15 +334,15 @@ class PreferenceDataset(_Tokenizing):
         prompt = _require_str(self.path, n, rec, "prompt")
         chosen = _require_str(self.path, n, rec, "chosen")
         rejected = _require_str(self.path, n, rec, "rejected")
-        return self._fit(n, "prompt", self.encode_prompt(prompt), self.encode_response(chosen),
-                         self.encode_response(rejected))
+        return self._fit(n, "prompt", self.encode_prompt(prompt), self.encode_response(chosen, prompt),
+                         self.encode_response(rejected, prompt))
 
     def _fit(self, n, field, p, c, r) -> PreferenceExample | None:
         if self.max_length is not None:
             if len(p) >= self.max_length:
                 raise self._too_long(n, field, len(p))
             room = self.max_length - len(p)
-            cut = any(x and x[-1] != self.eos_id for x in (c, r))
+            cut = any(x and not self._ended(x) for x in (c, r))
             if len(c) > room or len(r) > room or cut:
                 if self.truncation == "drop":
                     self.num_dropped += 1

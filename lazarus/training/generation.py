@@ -54,12 +54,16 @@ class Completions:
 
 
 def eos_token_ids(tokenizer) -> set[int]:
-    ids = getattr(tokenizer, "eos_token_ids", None)
-    if ids:
-        return {int(i) for i in ids}
-    if getattr(tokenizer, "eos_token_id", None) is None:
+    """The tokens generation stops at: the EOS ids (mlx-lm's ``eos_token_ids``, which hold
+    ``generation_config.json``'s ``eos_token_id`` list, and ``eos_token_id``) and the chat
+    template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``), which is what
+    training puts at the end of every reply (:func:`lazarus.data.chat.stop_ids`)."""
+    from lazarus.data.chat import stop_ids
+
+    ids = stop_ids(tokenizer)
+    if not ids:
         raise ValueError("the tokenizer has no eos_token_id; generation could never stop early")
-    return {int(tokenizer.eos_token_id)}
+    return ids
 
 
 def pad_token_id(tokenizer) -> int:
