@@ -1,4 +1,4 @@
-"""``load_model``: any architecture mlx-lm supports, from a local folder."""
+"""``load_model``: any architecture mlx-lm supports, from a local folder or a Lazarus run folder."""
 
 from __future__ import annotations
 
@@ -6,11 +6,91 @@ import json
 import os
 from pathlib import Path
 
+import mlx.core as mx
+
 from lazarus.models.lora import LoRASettings, apply_lora, mark_lora
 
 
 class ModelLoadError(ValueError):
     """The model folder is missing, incomplete, or cannot be fetched."""
+
+
+#: Marks a folder as a Lazarus run folder (``lazarus train --output``); see :func:`resolve_model_dir`.
+RUN_MARKER = ".lazarus-run"
+#: Instance attribute holding the folder a model was loaded from; written by :func:`_mark_source` only
+#: (outside the parameter tree, like :func:`lazarus.models.lora.mark_lora`'s record).
+_SOURCE_ATTR = "_lazarus_source"
+_MAX_CHAIN = 32  # runs built on runs: a run folder naming itself must not recurse forever
+
+
+def source_dir(model) -> Path | None:
+    """The model folder ``model`` was loaded from (its ``config.json`` and tokenizer files): for a
+    model loaded from a run folder, the folder of the model the chain started from. None for a
+    model :func:`load_model` did not load."""
+    return getattr(model, _SOURCE_ATTR, None)
+
+
+def _mark_source(model, folder: Path) -> None:
+    object.__setattr__(model, _SOURCE_ATTR, folder)
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """A folder ``lazarus train`` wrote (its marker, or ``config.yaml``) rather than a model folder."""
+    p = Path(path)
+    return p.is_dir() and not (p / "config.json").exists() and (
+        (p / RUN_MARKER).exists() or (p / "config.yaml").exists())
+
+
+def _run_config(run: Path) -> dict:
+    import yaml
+
+    try:
+        doc = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{run}/config.yaml is not a readable run config ({type(e).__name__})") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def adapter_source(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """``(adapter folder, base model)`` of a LoRA run folder or of an adapter (checkpoint) folder;
+    the base is what ``adapter_config.json`` records, else the run's ``config.yaml`` ``model``."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelLoadError(f"adapter folder not found: {p}")
+    run = _run_config(p) if is_run_folder(p) else {}
+    folder = Path(run.get("checkpoint_dir") or p / "checkpoints") if is_run_folder(p) else p
+    cfg_file = folder / "adapter_config.json"
+    if not cfg_file.exists() or not (folder / "adapters.safetensors").exists():
+        raise ModelLoadError(f"{p} holds no LoRA adapters (no adapters.safetensors + adapter_config.json in "
+                             f"{folder}); was it trained with --lora?")
+    try:
+        base = json.loads(cfg_file.read_text()).get("model")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ModelLoadError(f"{cfg_file}: invalid JSON ({e})") from None
+    base = base or run.get("model")
+    return folder, str(base) if base else None
+
+
+def resolve_model_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """What ``load_model(path)`` loads: ``(path, None)`` for a model folder; for a run folder of a
+    full fine-tune ``(<run>/model, None)``; for a LoRA run ``(base, adapter folder)``: its base
+    with its adapters fused in (the base may itself be a run folder)."""
+    p = Path(path)
+    if not is_run_folder(p):
+        return p, None
+    if (p / "model" / "config.json").exists():
+        return p / "model", None
+    try:
+        adapters, base = adapter_source(p)
+    except ModelLoadError:
+        raise ModelLoadError(f"{p} is a run folder without a model: a full fine-tune writes {p}/model when "
+                             "training ends (not when interrupted or stopped on NaN); resume the run "
+                             "to finish it") from None
+    if base is None:
+        raise ModelLoadError(f"{p}: its adapters do not name their base model; pass the base model folder")
+    if not Path(base).exists():
+        raise ModelLoadError(f"{p} was trained on {base}, which is not found from here; pass that model folder")
+    return Path(base), adapters
 
 
 #: A model folder is data, never code: tokenizers and architectures that need Python files from
@@ -58,21 +138,45 @@ def load_model(path: str | os.PathLike, use_lora: bool = False, *, lora_rank: in
     from lazarus.rng import seeded_rng
 
     with seeded_rng(seed):
-        return _load(path, use_lora, lora_rank, lora_scale, lora_alpha, lora_dropout, lora_layers, lora_keys,
-                     adapter_path)
+        model, tokenizer, name = _load_base(path)
+        return _load(model, tokenizer, name, use_lora, lora_rank, lora_scale, lora_alpha, lora_dropout,
+                     lora_layers, lora_keys, adapter_path)
 
 
-def _load(path, use_lora, lora_rank, lora_scale, lora_alpha, lora_dropout, lora_layers, lora_keys, adapter_path):
-    from mlx_lm.utils import load as mlx_load
+def _load_base(path, depth: int = 0):
+    """``(model, tokenizer, name)``: a model folder as mlx-lm loads it; a run folder as
+    :func:`resolve_model_dir` says (a LoRA run's adapters fused in place). ``name`` is what a LoRA
+    made on top records as its base: the model folder, or the LoRA run folder."""
+    folder, adapters = resolve_model_dir(path)
+    if adapters is None:
+        name = str(folder) if folder != Path(path) else str(path)
+        return (*_load_folder(folder, name), name)
+    if depth >= _MAX_CHAIN:
+        raise ModelLoadError(f"{path}: more than {_MAX_CHAIN} runs chained (does a run name itself as its base?)")
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.utils import load_adapters
 
-    p = Path(path)
-    name = str(path)
+    model, tokenizer, _ = _load_base(folder, depth + 1)
+    try:
+        load_adapters(model, str(adapters))
+    except Exception as e:  # noqa: BLE001 - mismatched or damaged adapters fail in many ways
+        raise _load_error(str(adapters), e) from None
+    fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    model.update_modules(tree_unflatten(fused))
+    mx.eval(model.parameters())
+    return model, tokenizer, str(path)
+
+
+def _load_folder(p: Path, name: str):
+    from mlx_lm.utils import hf_repo_to_path, load as mlx_load
+
     if not p.exists():
         if os.environ.get("HF_HUB_OFFLINE") or name.startswith((".", "/", "~")) or name.count("/") != 1:
             raise ModelLoadError(f"model folder not found: {name}. Pass a local Hugging Face/MLX model "
                                  "folder (or run `lazarus init-model DIR` for the tiny offline model)")
         try:
             model, tokenizer = mlx_load(name, tokenizer_config=dict(_NO_REMOTE_CODE), trust_remote_code=False)
+            _mark_source(model, hf_repo_to_path(name))
         except Exception as e:  # noqa: BLE001 - network errors come in many types
             raise ModelLoadError(f"{name!r} is not a local folder and could not be fetched from the "
                                  f"Hugging Face hub ({type(e).__name__}: {e}). Download it and pass the "
@@ -86,6 +190,12 @@ def _load(path, use_lora, lora_rank, lora_scale, lora_alpha, lora_dropout, lora_
             model, tokenizer = mlx_load(str(p), tokenizer_config=dict(_NO_REMOTE_CODE), trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - a truncated or malformed file fails in many ways (e.g. RuntimeError)
             raise _load_error(str(p), e) from None
+        _mark_source(model, p)
+    return model, tokenizer
+
+
+def _load(model, tokenizer, name, use_lora, lora_rank, lora_scale, lora_alpha, lora_dropout, lora_layers,
+          lora_keys, adapter_path):
     if lora_alpha is not None and lora_scale is None:
         lora_scale = lora_alpha / lora_rank
     if adapter_path is not None:

@@ -19,6 +19,7 @@ from lazarus.callbacks import (Callback, Checkpoint, GradientClipping, LRSchedul
 from lazarus.data import DataLoader
 from lazarus.loop import Loop, TrainResult
 from lazarus.models import fast_cpu
+from lazarus.models.export import save_model_folder
 from lazarus.models.loading import context_length
 from lazarus.models.mlx_lm_patches import enable_grad_checkpoint
 from lazarus.models.lora import lora_settings, save_adapters
@@ -301,3 +302,11 @@ class Trainer(DefaultHooks):
         if lora_settings(self.model) is None:
             return None
         return save_adapters(self.model, directory, dtype=self.precision.save if self.precision else None)
+
+    def save_model(self, directory: str | os.PathLike, dequantize: bool = False) -> Path:
+        """Write the model as a model folder (``config.json``, weights, tokenizer) that ``load_model``,
+        ``mlx_lm.load``/``mlx_lm.generate`` and ``lazarus train --model`` accept: the full weights, or
+        with LoRA the base with the adapters fused in. Weights are in the save dtype (the base
+        model's unless ``save_dtype`` says otherwise); a 4-bit base stays 4-bit unless ``dequantize``."""
+        return save_model_folder(self.model, self.tokenizer, directory, dequantize=dequantize,
+                                 dtype=self.precision.save if self.precision else None)
