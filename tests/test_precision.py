@@ -103,10 +103,12 @@ def test_dequantize_false_keeps_4bit_layers_with_float32_scales(published):
     assert {m.weight.dtype for _, m in quantized} == {mx.uint32}
 
 
-def test_explicit_bfloat16_computes_in_bfloat16(published):
+def test_explicit_bfloat16_computes_in_bfloat16_and_lora_does_not_hide_the_base_dtype(published):
     model, _ = load_model(published["bf16"], use_lora=True, lora_rank=4)
     precision = apply_precision(model, dtype="bfloat16")
     assert precision.compute == mx.bfloat16 and _dtypes(model.parameters()) == {mx.bfloat16}
+    model, _ = load_model(published["bf16"], use_lora=True, lora_rank=64)  # LoRA matrices are float32
+    assert apply_precision(model).describe() == "computes in float32, saves bfloat16"
 
 
 def test_full_fine_tuning_a_4bit_model_is_refused(published, examples, tmp_path):

@@ -63,9 +63,13 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def base_dtype(model: nn.Module) -> mx.Dtype:
-    """The most common floating dtype among the model's parameters (a 4-bit model's scales count:
-    they are in the dtype the model was published in)."""
-    counts = Counter(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    """The floating dtype holding most of the published model's values (a 4-bit model's scales count:
+    they are in the dtype the model was published in). LoRA's own matrices (float32 however the base
+    was published) are left out."""
+    counts = Counter()
+    for k, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".lora_a", ".lora_b")):
+            counts[v.dtype] += v.size
     return counts.most_common(1)[0][0] if counts else mx.float32
 
 
