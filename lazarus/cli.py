@@ -5,6 +5,10 @@
     lazarus init-model DIR
     lazarus demo [--output DIR] [--quick]
     lazarus generate --model DIR [--adapter-path DIR] [--checkpoint FILE] --prompt TEXT [--max-tokens N] [--temp T]
+    lazarus export --adapter RUN_OR_CHECKPOINT_DIR --output DIR [--dequantize] [--model BASE]
+
+``--model`` takes a model folder or an earlier run folder (a full fine-tune's ``model/``, a LoRA
+run's base with its adapters fused in), so runs chain: SFT -> DPO -> GRPO.
 
 ``lazarus train`` has one subcommand per paradigm of :mod:`lazarus.training.registry` (a
 registered objective is trainable from here with no change to this file). A YAML config holds the
@@ -30,7 +34,8 @@ from lazarus.cli_common import (EXIT_CODES, CLIError, CommandParser, HelpFormatt
                                 run_command)
 from lazarus.run_config import (RUN_KEYS, _fmt_default, build_callbacks, config_fields, config_help,  # noqa: F401
                                 load_paradigm, lora_kwargs, path_value, resolve_train_config, reward_kwargs)
-from lazarus.run_folder import exit_code, prepare_output, print_summary, run_files_callback, write_history
+from lazarus.run_folder import (exit_code, prepare_output, print_summary, run_files_callback, write_history,
+                                write_model_folder)
 from lazarus.training.registry import PARADIGMS, paradigms
 
 
@@ -68,7 +73,8 @@ def cmd_train(args) -> int:
                                allow_data_change=args.allow_data_change)
         if main_process:
             write_history(output, result)
-            print_summary(paradigm, run, result, trainer, lk)
+            model_dir = write_model_folder(output, result, trainer, lk)
+            print_summary(paradigm, run, result, trainer, lk, model_dir)
     finally:
         if lock is not None:
             lock.release()
@@ -152,6 +158,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Fuse a LoRA run's adapters into its base and write a model folder."""
+    from lazarus.models import ModelLoadError, fuse_adapters
+    from lazarus.models.loading import adapter_source
+
+    adapter = Path(args.adapter)
+    if not adapter.is_dir():
+        raise CLIError(f"adapter folder not found: {adapter} (pass a LoRA run folder or its checkpoint folder)")
+    try:
+        adapter_dir, base = adapter_source(adapter)
+    except ModelLoadError as e:
+        raise CLIError(str(e)) from None
+    base = args.model or base
+    if not base:
+        raise CLIError(f"{adapter_dir}/adapter_config.json does not name the base model; pass --model BASE")
+    out = Path(args.output)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise CLIError(f"--output {out} already exists and is not empty; choose a new folder")
+    fuse_adapters(base, adapter_dir, out, dequantize=args.dequantize)
+    print(f"wrote {out}: {base} with the adapters of {adapter_dir} fused in"
+          f"{' (dequantized)' if args.dequantize else ''}; try: lazarus generate --model {out} --prompt '...'")
+    return 0
+
+
 # =============================================================================== parser
 def _listed(names: list[str], last: str) -> str:
     """``["SFT", "DPO", "PPO"]`` -> ``"SFT, DPO<last>PPO"``."""
@@ -171,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  lazarus train sft --model tiny/ --data train.jsonl --max-steps 200\n"
                "  lazarus train dpo --config examples/dpo.yaml --lora\n"
                "  lazarus generate --model tiny/ --prompt 'What is 2+3?'\n"
+               "  lazarus export --adapter runs/dpo --output dpo_model   # LoRA adapters fused into a model folder\n"
                "  lazarus train sft --help                       # every config field with its default")
     p.add_argument("--version", action="version", version=f"lazarus {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -187,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         data = f" Data lines: {paradigm.data_format}." if paradigm.data_format else ""
         tp = tsub.add_parser(name, help=paradigm.description, formatter_class=HelpFormatter, epilog=epilog,
                              description=f"{paradigm.trainer_class.__name__}: {paradigm.description}.{data}")
-        tp.add_argument("--model", metavar="DIR", help="model folder (YAML: model)")
+        tp.add_argument("--model", metavar="DIR", help="model folder, or an earlier run folder (YAML: model)")
         tp.add_argument("--data", metavar="FILE", help="training data, JSON Lines (YAML: data)")
         tp.add_argument("--eval-data", metavar="FILE", help="evaluation data, JSON Lines (YAML: eval_data)")
         tp.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config: config fields and run keys")
@@ -230,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                                         "[default: 0.0]")
     gen.add_argument("--seed", type=int, help="sampling seed")
     gen.set_defaults(func=cmd_generate)
+
+    ex = sub.add_parser("export", help="fuse a LoRA run's adapters into its base model: a model folder",
+                        formatter_class=HelpFormatter,
+                        description="Write base + LoRA adapters as one model folder (config.json, weights in the "
+                                    "base's dtype, tokenizer) that load_model, mlx_lm and --model accept.")
+    ex.add_argument("--adapter", required=True, metavar="RUN_OR_CHECKPOINT_DIR",
+                    help="a LoRA run folder, or a folder with adapters.safetensors + adapter_config.json")
+    ex.add_argument("--output", "-o", required=True, metavar="DIR", help="the new model folder (must not exist, "
+                                                                          "or be empty)")
+    ex.add_argument("--model", metavar="BASE", help="base model (default: the one adapter_config.json names)")
+    ex.add_argument("--dequantize", action="store_true", help="write a 4-bit base's layers as ordinary ones")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

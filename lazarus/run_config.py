@@ -44,17 +44,20 @@ EVERY, WITH_REFERENCE, WITH_REWARD = Applies(), Applies("reference_model"), Appl
 
 #: YAML keys that are not trainer config fields: (description, default shown in --help, paradigms)
 RUN_KEYS: dict[str, tuple[str, str, Applies]] = {
-    "model": ("Model folder (Hugging Face / MLX layout; `lazarus init-model DIR` makes a tiny one)", "required",
+    "model": ("Model folder (Hugging Face / MLX layout; `lazarus init-model DIR` makes a tiny one), or an earlier "
+              "run folder: a full fine-tune's model/, a LoRA run's base with its adapters fused in", "required",
               EVERY),
     "data": ("Training data, JSON Lines", "required", EVERY),
     "eval_data": ("Evaluation data, JSON Lines (same format as data)", "None", EVERY),
-    "output": ("Run folder: checkpoints/ (unless checkpoint_dir is set), config.yaml, history.json; one that "
-               "holds another run is refused (--resume continues it, --overwrite clears it)",
+    "output": ("Run folder: checkpoints/ (unless checkpoint_dir is set), config.yaml, history.json, and model/ "
+               "(a full fine-tune's model folder, written when training ends); one that holds another run is "
+               "refused (--resume continues it, --overwrite clears it)",
                "runs/<paradigm>", EVERY),
     "lora": ("Train LoRA adapters: true, or {rank: 8, scale: 20.0 | alpha: 16, dropout: 0.0, layers: -1, "
              "keys: [...]}", "false", EVERY),
     "adapter_path": ("Start from adapters saved earlier (a folder with adapter_config.json)", "None", EVERY),
-    "reference_model": ("Frozen reference model folder (default: the policy before training, or the LoRA base)",
+    "reference_model": ("Frozen reference model folder or run folder (default: the policy before training, or the "
+                        "LoRA base)",
                         "None", WITH_REFERENCE),
     "reward": ("Reward function(s): 'module:function' or 'path/to/file.py:function', or a list of them",
                "required", WITH_REWARD),

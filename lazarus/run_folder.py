@@ -1,7 +1,7 @@
 """A run's folder (``--output``): claiming it (the checkpoint folder's lock; a folder holding another
 run is refused unless ``--resume`` continues it or ``--overwrite`` clears it), the files a run
-writes there (``config.yaml``, ``history.json``), and the end of a run: the summary pointing into
-the folder and the exit status.
+writes there (``config.yaml``, ``history.json``, and for a full fine-tune the model folder
+``model/``), and the end of a run: the summary pointing into the folder and the exit status.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from lazarus.cli_common import EXIT_CODES, CLIError
+from lazarus.models.loading import RUN_MARKER  # marks a run folder: the only kind --overwrite clears
 
-RUN_MARKER = ".lazarus-run"  # marks a folder as a Lazarus run folder: the only kind --overwrite clears
+MODEL_DIR = "model"  # <output>/model: a full fine-tune's result as a model folder
 
 
 def prepare_output(output: Path, config, run: dict, overwrite: bool):
@@ -126,7 +127,22 @@ def write_history(output: Path, result) -> None:
     atomic_write_text(output / "history.json", json.dumps(result.history, indent=1))
 
 
-def print_summary(paradigm, run, result, trainer, lk) -> None:
+def _finished(result) -> bool:
+    """Training ended as planned or by early stopping: not by a signal, not by TerminateOnNaN."""
+    reason = result.stop_reason or ""
+    return not (result.state.extras.get("terminated_on_nan") or reason.startswith("interrupted by"))
+
+
+def write_model_folder(output: Path, result, trainer, lk: dict) -> Path | None:
+    """A full fine-tune that finished writes ``<output>/model`` (its final weights as a model folder,
+    the base's dtype; 4-bit layers stay 4-bit unless the run set ``dequantize: true``); a LoRA run's
+    result is its adapters (``lazarus export`` fuses them). Rank 0 only."""
+    if lk.get("use_lora") or not _finished(result):
+        return None
+    return trainer.save_model(output / MODEL_DIR, dequantize=getattr(trainer.config, "dequantize", None) is True)
+
+
+def print_summary(paradigm, run, result, trainer, lk, model_dir: Path | None = None) -> None:
     """What happened, and where everything went (checkpoints, logs) with the commands to use it."""
     from lazarus.callbacks import TensorBoardLogger, WandbLogger
     from lazarus.checkpointing import list_checkpoints
@@ -147,7 +163,10 @@ def print_summary(paradigm, run, result, trainer, lk) -> None:
     if names:
         print(f"  checkpoints: {ckdir} ({', '.join(names)})")
         if lk.get("use_lora") and (Path(ckdir) / "adapters.safetensors").exists():
-            print(f"  adapters: mlx_lm.generate --model {run['model']} --adapter-path {ckdir} --prompt '...'")
+            _print_adapter_commands(run, trainer, ckdir)
+    if model_dir is not None:
+        print(f"  model: {model_dir} (a model folder: lazarus generate --model {model_dir}, mlx_lm.generate, or "
+              f"--model {run['output']} for the next run)")
     for cb in trainer.callbacks:
         if isinstance(cb, TensorBoardLogger):
             print(f"  tensorboard: {cb.log_dir} (view: tensorboard --logdir {cb.log_dir})")
@@ -161,6 +180,17 @@ def print_summary(paradigm, run, result, trainer, lk) -> None:
     last = st.extras.get("last_checkpoint")
     if (result.stop_reason or "").startswith("interrupted by") and last:
         print(f"  resume: {resume_command(paradigm, run, last)}")
+
+
+def _print_adapter_commands(run: dict, trainer, ckdir) -> None:
+    from lazarus.models import lora_settings
+
+    settings = lora_settings(trainer.model)
+    base = settings.base_model if settings is not None and settings.base_model else run["model"]
+    if (Path(base) / "config.json").exists():  # a base built from a LoRA run exists only in memory
+        print(f"  adapters: mlx_lm.generate --model {base} --adapter-path {ckdir} --prompt '...'")
+    print(f"  export: lazarus export --adapter {run['output']} --output {run['output']}-model  (base + adapters fused "
+          f"into a model folder; or --model {run['output']} for the next run)")
 
 
 def exit_code(paradigm: str, run: dict, result, main_process: bool) -> int:
