@@ -62,3 +62,26 @@ def stop_at(n):
                 state.request_stop("test")
 
     return StopAt()
+
+
+@pytest.fixture(scope="session")
+def model_zoo(tmp_path_factory):
+    """``model_zoo(arch, dtype="bfloat16", bits=None, tie=True) -> Path``: a tiny published-style
+    model folder (``create_tiny_model``: mlx-lm's own class for ``arch``, weights in ``dtype``,
+    ``bits=4`` quantized as mlx-community publishes, tied or untied embeddings; hidden 64, 2 blocks),
+    built once per session and combination."""
+    from lazarus.models import create_tiny_model
+
+    root = tmp_path_factory.mktemp("zoo")
+    built: dict[tuple, Path] = {}
+
+    def zoo_dir(arch: str = "llama", dtype: str = "bfloat16", bits: int | None = None, tie: bool = True) -> Path:
+        key = (arch, dtype, bits, bool(tie))
+        if key not in built:
+            d = root / f"{arch}-{dtype}-{'q' + str(bits) if bits else 'full'}-{'tied' if tie else 'untied'}"
+            built[key] = create_tiny_model(d, arch=arch, dtype=dtype, quantize_bits=bits, tie_embeddings=tie,
+                                           hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                           intermediate_size=128)
+        return built[key]
+
+    return zoo_dir
