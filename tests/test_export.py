@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from lazarus.cli import main
 from lazarus.data import chat_prompt_ids
-from lazarus.models import load_model, save_model_folder, source_dir
+from lazarus.models import load_model, save_adapters, save_model_folder, source_dir
 from lazarus.models.export import source_tensors
 from lazarus.models.precision import apply_precision
 from lazarus.run_folder import write_model_folder
@@ -160,6 +160,11 @@ def test_only_a_finished_full_run_writes_its_model(tmp_path):
     assert saved == [(tmp_path / "model", False)]
 
 
+def _random_adapters(model, seed):
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape, key=mx.random.key(seed)) * 0.05)
+                                 for k, v in tree_flatten(model.trainable_parameters())]))
+
+
 def _quantized_bf16(tiny_dir, dest):
     """The tiny model as mlx_lm.convert(dtype=bfloat16, quantize=True, q_group_size=32) writes it."""
     from mlx_lm.utils import load as mlx_load, quantize_model, save_config, save_model
@@ -180,8 +185,7 @@ def test_4bit_bf16_base_stays_4bit_bf16_unless_dequantized(tiny_dir, tmp_path):
     base = _quantized_bf16(tiny_dir, tmp_path / "q4")
     model, tok = load_model(base, use_lora=True, lora_rank=4)
     precision = apply_precision(model, dtype="float32", dequantize=True)  # CPU training: float32, no 4-bit
-    model.update(tree_unflatten([(k, mx.random.normal(v.shape, key=mx.random.key(1)) * 0.05)
-                                 for k, v in tree_flatten(model.trainable_parameters())]))
+    _random_adapters(model, 1)
     out = save_model_folder(model, tok, tmp_path / "out", dtype=precision.save)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["torch_dtype"] == "bfloat16" and cfg["quantization"]["bits"] == 4
@@ -197,6 +201,42 @@ def test_4bit_bf16_base_stays_4bit_bf16_unless_dequantized(tiny_dir, tmp_path):
     assert "quantization" not in cfg and "quantization_config" not in cfg and cfg["torch_dtype"] == "bfloat16"
     x = mx.array([[5, 6, 7, 8]])
     assert mx.allclose(mlx_load(str(plain))[0](x), model(x), atol=0.15)
+
+
+def test_export_of_a_4bit_base_matches_mlx_lm_fuse(tiny_dir, tmp_path, capsys):
+    from mlx_lm.utils import load as mlx_load
+
+    base = _quantized_bf16(tiny_dir, tmp_path / "q4")
+    model, _ = load_model(base, use_lora=True, lora_rank=4)
+    _random_adapters(model, 2)
+    save_adapters(model, tmp_path / "adapters")
+    rc, _, err = cli(capsys, "export", "--adapter", tmp_path / "adapters", "--output", tmp_path / "q_out")
+    assert rc == 0, err
+    # what mlx_lm.fuse computes: load with adapters, LoRALinear.fuse() every layer
+    ref, _ = mlx_load(str(base), adapter_path=str(tmp_path / "adapters"))
+    ref.update_modules(tree_unflatten([(n, m.fuse()) for n, m in ref.named_modules() if hasattr(m, "fuse")]))
+    written = mx.load(str(tmp_path / "q_out" / "model.safetensors"))
+    assert written.keys() == params(ref).keys()
+    assert all(mx.array_equal(written[k], v) for k, v in params(ref).items())
+    rc, _, err = cli(capsys, "export", "--adapter", tmp_path / "adapters", "--output", tmp_path / "dq", "--dequantize")
+    assert rc == 0, err
+    assert "quantization" not in json.loads((tmp_path / "dq" / "config.json").read_text())
+    assert not any(k.endswith(".scales") for k in source_tensors(tmp_path / "dq"))
+
+
+def test_large_models_are_sharded_like_mlx_lm(tiny_dir, tmp_path, monkeypatch):
+    import mlx_lm.utils
+    from mlx_lm.utils import load as mlx_load
+
+    make_shards = mlx_lm.utils.make_shards
+    monkeypatch.setattr(mlx_lm.utils, "make_shards", lambda w: make_shards(w, max_file_size_gb=0))  # 1 tensor each
+    model, tok = load_model(tiny_dir)
+    out = save_model_folder(model, tok, tmp_path / "sharded")
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) == len(params(model)) > 1 and set(index["weight_map"].values()) == {p.name for p in shards}
+    loaded, _ = mlx_load(str(out))
+    assert all(mx.array_equal(params(loaded)[k], v) for k, v in params(model).items())
 
 
 def test_a_failed_write_leaves_the_old_folder_or_nothing(tiny_dir, tmp_path):

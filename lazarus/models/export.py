@@ -36,11 +36,15 @@ _FLOAT_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
 _MODES = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("model*.safetensors"))  # what mlx_lm.utils.load_model reads
+
+
 def source_tensors(folder: Path) -> dict[str, tuple[str, list[int]]]:
     """``name -> (safetensors dtype, shape)`` of every tensor in the folder's weight files, read
     from the files' headers only (no tensor is loaded)."""
     out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
+    for f in _weight_files(folder):
         with open(f, "rb") as fh:
             (size,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(size))
@@ -89,7 +93,7 @@ def _requantize(weights: dict, source: Path, saved: dict, dtype: mx.Dtype) -> di
         params = _quant_params(w.shape[-1], saved[f"{path}.weight"][1][-1], saved[f"{path}.scales"][1][-1],
                                saved[f"{path}.scales"][0] == "U8")
         if originals is None:  # mx.load is lazy: only the tensors compared below are read
-            originals = {k: v for f in sorted(source.glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
+            originals = {k: v for f in _weight_files(source) for k, v in mx.load(str(f)).items()}
         old = [originals[f"{path}.{k}"] for k in ("weight", "scales", "biases") if f"{path}.{k}" in originals]
         same = mx.dequantize(*old[:2], old[2] if len(old) > 2 else None, **params).astype(w.dtype)
         packed = old if mx.array_equal(same, w).item() else mx.quantize(w.astype(dtype), **params)
