@@ -107,9 +107,9 @@ def _model_quantization(model: nn.Module) -> dict | None:
 
 
 def _config(source: Path, weights: dict, dtype: mx.Dtype, quantization: dict | None) -> dict:
-    """The source's config.json with this folder's dtype, and its quantization entries kept while
-    quantized layers remain (``quantization`` as mlx-lm writes it, else ``quantization``), dropped
-    otherwise."""
+    """The source's config.json with this folder's dtype; while quantized layers remain, mlx-lm's
+    ``quantization`` entry (the source's, else the layers' own settings) and its copy
+    ``quantization_config``; without them, neither."""
     config = json.loads((source / "config.json").read_text())
     config.pop("_name_or_path", None)
     config["torch_dtype"] = dtype_name(dtype)
