@@ -116,7 +116,8 @@ def test_loads_as_published(folder, case):
     assert config["torch_dtype"] == ("bfloat16" if weights == "bf16" else "float16")
     assert config["tie_word_embeddings"] is tie
     if weights == "q4":
-        assert config["quantization"] == config["quantization_config"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+        q4 = {"group_size": 64, "bits": 4, "mode": "affine"}
+        assert config["quantization"] == config["quantization_config"] == q4
     else:
         assert "quantization" not in config
 
@@ -146,7 +147,8 @@ def test_loads_as_published(folder, case):
 
     x = mx.array([tok.encode("What is 2+4? hello world")])
     logits = model(x)
-    assert logits.shape == (1, x.shape[1], model.args.vocab_size) and np.isfinite(np.array(logits.astype(mx.float32))).all()
+    assert logits.shape == (1, x.shape[1], model.args.vocab_size)
+    assert np.isfinite(np.array(logits.astype(mx.float32))).all()
     reference, _ = mlx_load(str(folder))
     np.testing.assert_array_equal(np.array(logits.astype(mx.float32)), np.array(reference(x).astype(mx.float32)))
 
@@ -205,6 +207,11 @@ def test_sft_lora(folder, case, tmp_path, examples):
     reloaded = reload_and_generate(SFTTrainer, folder, tok, config, tmp_path / "ck", saved, lora=True)
     if weights == "q4":  # loading a checkpoint leaves the published 4-bit layers as they are
         assert isinstance(reloaded.layers[0].mlp.down_proj.linear, nn.QuantizedLinear)
+    # adapters fused into the base, written as a model folder (4-bit bases dequantized: re-quantizing moves
+    # a random tiny model's logits too far for a comparison)
+    exported, _ = load_model(trainer.save_model(tmp_path / "model", dequantize=weights == "q4"))
+    assert floating(dict(tree_flatten(exported.parameters()))) == {BASE[weights]}
+    check_same_logits(exported, model, tok)
     # the adapters change the model, and mlx-lm loads them too
     base, _ = load_model(folder)
     x = mx.array([tok.encode("What is 2+4?")])
@@ -214,8 +221,7 @@ def test_sft_lora(folder, case, tmp_path, examples):
     for k, v in adapters.items():
         assert theirs[k].dtype == v.dtype and mx.array_equal(theirs[k], v).item(), k
     # same weights; mlx-lm keeps the bf16/fp16 adapter dtype, a Lazarus reload computes LoRA in float32
-    ours, mlx_logits = np.array(reloaded(x).astype(mx.float32)), np.array(mlx_model(x).astype(mx.float32))
-    assert np.abs(ours - mlx_logits).max() <= 0.05 * np.abs(ours).max()
+    check_same_logits(mlx_model, reloaded, tok)
     assert isinstance(mlx_generate(mlx_model, mlx_tok, "What is 2+4?", max_tokens=3), str)
 
 
@@ -284,6 +290,17 @@ def test_full_sft_of_bf16_models(folder, case, tmp_path, examples):
     assert set(saved) == {k for k, _ in tree_flatten(load_model(folder)[0].parameters())}  # every weight
     reloaded = reload_and_generate(SFTTrainer, folder, tok, config, tmp_path / "ck", saved, lora=False)
     assert floating(dict(tree_flatten(reloaded.parameters()))) == {mx.bfloat16}
+    # the trained model as a model folder of the same architecture, still bf16, still tied or untied
+    exported, _ = load_model(trainer.save_model(tmp_path / "model"))
+    assert dict(tree_flatten(exported.parameters())).keys() == saved.keys()
+    check_same_logits(exported, model, tok)
+
+
+def check_same_logits(model, reference, tok):
+    """Up to half-precision rounding (a float32-computed model against its bf16/fp16 copy)."""
+    x = mx.array([tok.encode("What is 2+4? hello")])
+    ours, theirs = np.array(model(x).astype(mx.float32)), np.array(reference(x).astype(mx.float32))
+    assert np.abs(ours - theirs).max() <= 0.05 * np.abs(theirs).max()
 
 
 def test_full_fine_tuning_a_4bit_model_needs_lora_or_dequantize(model_zoo, tmp_path, examples):
