@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from lazarus.cli import main
 from lazarus.data import chat_prompt_ids
-from lazarus.models import load_model, save_adapters, save_model_folder, source_dir
+from lazarus.models import adapters_disabled, load_model, save_adapters, save_model_folder, source_dir
 from lazarus.models.export import source_tensors
 from lazarus.models.precision import apply_precision
 from lazarus.run_folder import write_model_folder
@@ -123,6 +123,11 @@ def test_runs_chain_sft_dpo_grpo(lora, tiny_dir, examples, tmp_path, capsys, mon
     assert greedy(exported, tok) == greedy(chained, tok)
     sft_only, _ = load_model("sft")
     assert any(not mx.array_equal(params(sft_only)[k], v) for k, v in params(chained).items())
+    # a LoRA stage on a LoRA run: adapters off (its reference model) is the earlier run's result
+    policy, _ = load_model("sft", use_lora=True, lora_rank=4)
+    x = mx.array([chat_prompt_ids(tok, "What is 7+5?", None)])
+    with adapters_disabled(policy):
+        assert mx.array_equal(policy(x), sft_only(x))
 
 
 def test_export_errors_exit_2_with_one_line(tiny_dir, examples, tmp_path, capsys):
