@@ -6,10 +6,12 @@ from lazarus.training.generation import Completions, generate_completions
 from lazarus.training.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss, k3_kl
 from lazarus.training.online_rl import OnlineRLConfig, OnlineRLTrainer
 from lazarus.training.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, gae, ppo_loss, whiten
+from lazarus.training.reward import RewardConfig, RewardModel, RewardTrainer, bradley_terry_loss
 from lazarus.training.rewards import RewardError, RewardFunctions, exact_match
 from lazarus.training.sft import SFTConfig, SFTTrainer
 
 __all__ = ["Trainer", "TrainerConfig", "SFTTrainer", "SFTConfig", "DPOTrainer", "DPOTrainerConfig", "DPOConfig",
            "dpo_loss", "GRPOTrainer", "GRPOConfig", "grpo_loss", "group_advantages", "k3_kl", "PPOTrainer",
            "PPOConfig", "PolicyWithValueHead", "ppo_loss", "gae", "whiten", "RewardError", "RewardFunctions",
-           "exact_match", "OnlineRLConfig", "OnlineRLTrainer", "Completions", "generate_completions"]
+           "exact_match", "OnlineRLConfig", "OnlineRLTrainer", "Completions", "generate_completions", "RewardTrainer",
+           "RewardConfig", "RewardModel", "bradley_terry_loss"]

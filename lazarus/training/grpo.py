@@ -111,7 +111,9 @@ def grpo_loss(logps, mask, advantages, old_logps=None, ref_logps=None, *, beta: 
 class GRPOTrainer(OnlineRLTrainer):
     """``GRPOTrainer(model, tokenizer, GRPOConfig(...), reward_fn=fn).train(prompts)``.
 
-    ``reward_funcs=[f, g]`` with ``reward_weights=[1.0, 0.5]`` combines several rewards.
+    ``reward_funcs=[f, g]`` with ``reward_weights=[1.0, 0.5]`` combines several rewards;
+    ``reward_model=`` (a trained :class:`~lazarus.training.RewardModel` or its folder) adds a learned
+    one, weighted by the last entry of ``reward_weights`` (see :class:`OnlineRLTrainer`).
     ``reference_model`` is only used when ``beta > 0`` (see :class:`OnlineRLTrainer`).
 
     Logged: ``loss``, ``reward``, ``reward_std`` (mean within-group std), ``rewards/<name>``,

@@ -25,7 +25,7 @@ from lazarus.models.lora import adapters_disabled, lora_settings
 from lazarus.protocols import Rollout
 from lazarus.training.base import Trainer, TrainerConfig, token_logps
 from lazarus.training.generation import Completions, draw_key, eos_token_ids, eval_mode, generate_completions, pad_token_id
-from lazarus.training.rewards import RewardFunctions
+from lazarus.training.rewards import RewardFunctions, model_reward
 
 
 # ---------------------------------------------------------------------------------- rollout batches
@@ -125,6 +125,11 @@ class OnlineRLTrainer(Trainer):
     reward functions and turns them into optimizer-step batches (``rollout``), which the Loop
     consumes one per step. Subclasses implement ``rollout`` and ``compute_loss``.
 
+    ``reward_model`` (a :class:`~lazarus.training.RewardModel` or the path of a saved one) is scored
+    after the reward functions, as one more function named ``reward_model`` (its weight is the last
+    of ``reward_weights``): each completion's prompt and text, tokenized with the reward model's own
+    tokenizer (else the policy's) as its training pairs were, in batches, without gradients.
+
     The reference policy (for the KL term) is, in order: ``reference_model`` when given;
     the policy with its LoRA adapters disabled when it is a LoRA model; else a snapshot of
     the trainable weights taken when training starts (kept in checkpoints for exact resume).
@@ -134,12 +139,15 @@ class OnlineRLTrainer(Trainer):
     dataset_class = PromptDataset
 
     def __init__(self, model, tokenizer, config=None, reward_fn=None, *, reward_funcs=None, reward_weights=None,
-                 reference_model=None, callbacks=None, optimizer=None):
+                 reward_model=None, reference_model=None, callbacks=None, optimizer=None):
         funcs = []
         if reward_fn is not None:
             funcs.extend(reward_fn if isinstance(reward_fn, (list, tuple)) else [reward_fn])
         if reward_funcs is not None:
             funcs.extend(reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
+        self.reward_model = model_reward(reward_model)
+        if self.reward_model is not None:  # scored after the functions: reward_weights lists it last
+            funcs.append(self.reward_model.as_reward_function(tokenizer))
         self.rewards = RewardFunctions(funcs, reward_weights)
         self.reference_model = reference_model
         if reference_model is not None:
@@ -152,6 +160,10 @@ class OnlineRLTrainer(Trainer):
         self._rollout_seconds = 0.0
         self._timer_start = time.perf_counter()
         self.last_completions: Completions | None = None
+
+    def frozen_models(self) -> list:
+        """The reference model and the reward model: run, not trained, in the same compute dtype."""
+        return super().frozen_models() + ([self.reward_model] if self.reward_model is not None else [])
 
     # ---- config-derived -----------------------------------------------------------------
     def steps_per_rollout(self) -> int:

@@ -136,24 +136,29 @@ def _hidden_and_head(policy):
 
 
 class PolicyWithValueHead(nn.Module):
-    """The policy's own modules (same objects, same parameter names) plus ``value_head``.
+    """The policy's own modules (same objects, same parameter names) plus a head on its final
+    hidden states (``value_head``; a subclass names its own with ``head_name``).
 
     Used as the Loop's model by PPO: its trainable parameters are the policy's (all weights,
     or the LoRA adapters) plus the value head's, under the policy's own key names, so the
-    checkpoint's weights load into the bare policy with ``strict=False``."""
+    checkpoint's weights load into the bare policy with ``strict=False``. The default head is a
+    zero-initialised ``nn.Linear(hidden, 1)``."""
+
+    head_name = "value_head"
 
     def __init__(self, policy: nn.Module, value_head: nn.Module | None = None, seed: int = 0):
         super().__init__()
+        what = type(self).__name__
         for k, v in policy.items():
             if isinstance(v, mx.array):
-                raise ValueError(f"PPO cannot wrap a model with a top-level parameter array ({k!r})")
-            if k == "value_head":
-                raise ValueError("the policy already has a 'value_head' entry")
+                raise ValueError(f"{what} cannot wrap a model with a top-level parameter array ({k!r})")
+            if k == self.head_name:
+                raise ValueError(f"the model already has a {self.head_name!r} entry")
             self[k] = v
         object.__setattr__(self, "_policy", policy)
         pair = _hidden_and_head(policy)
         if pair is None:
-            raise ValueError(f"PPO needs the final hidden states of the policy ({type(policy).__name__} has no "
+            raise ValueError(f"{what} needs the final hidden states of the model ({type(policy).__name__} has no "
                              "'.model' transformer returning them)")
         hidden, head = pair
         probe = mx.array([[1, 2, 3, 4]], dtype=mx.int32)
@@ -168,11 +173,15 @@ class PolicyWithValueHead(nn.Module):
                 value_head = nn.Linear(h.shape[-1], 1)
             value_head.weight = mx.zeros_like(value_head.weight)
             value_head.bias = mx.zeros_like(value_head.bias)
-        self.value_head = value_head
+        self[self.head_name] = value_head
 
     @property
     def policy(self) -> nn.Module:
         return self._policy
+
+    def hidden_states(self, inputs):
+        """The wrapped model's final (normed) hidden states, (..., T, H)."""
+        return self._hidden(inputs)
 
     def __call__(self, inputs):
         return self._policy(inputs)
@@ -181,14 +190,30 @@ class PolicyWithValueHead(nn.Module):
         """One forward pass when the policy allows it (else two): logits and per-position values."""
         h = self._hidden(inputs)
         logits = self._head(h) if self._head is not None else self._policy(inputs)
-        values = self.value_head(h.astype(mx.float32))[..., 0]
+        values = self[self.head_name](h.astype(mx.float32))[..., 0]
         return logits, values
+
+
+def load_with_head(path, wrapped: PolicyWithValueHead) -> None:
+    """Load a checkpoint into ``wrapped`` (model + head) or, when it holds no head weights (e.g. from
+    SFT), into the bare model; the names and shapes are checked first."""
+    weights, _ = ckpt.read_weights(path)
+    prefix = f"{wrapped.head_name}."
+    full = dict(tree_flatten(wrapped.trainable_parameters()))
+    with_head = any(k.startswith(prefix) for k in weights)
+    target = wrapped if with_head else wrapped.policy
+    ckpt.check_compatible(path, weights, full if with_head else {k: v for k, v in full.items()
+                                                                 if not k.startswith(prefix)})
+    target.load_weights([(k, v.astype(full[k].dtype)) for k, v in weights.items()], strict=False)
+    mx.eval(target.parameters())
 
 
 # ---------------------------------------------------------------------------------- trainer
 class PPOTrainer(OnlineRLTrainer):
     """``PPOTrainer(model, tokenizer, PPOConfig(), reward_fn=fn).train(prompts)``.
 
+    ``reward_model=`` (a trained :class:`~lazarus.training.RewardModel` or its folder) scores
+    completions beside, or instead of, the reward functions (see :class:`OnlineRLTrainer`).
     ``value_head`` (an ``nn.Module`` mapping hidden states (..., H) to (..., 1)) may be
     given; by default a zero-initialised linear head is created. ``trainer.value_model``
     is the policy + head module the Loop trains.
@@ -201,11 +226,11 @@ class PPOTrainer(OnlineRLTrainer):
     config_class = PPOConfig
 
     def __init__(self, model, tokenizer, config: PPOConfig | None = None, reward_fn=None, *, reward_funcs=None,
-                 reward_weights=None, reference_model=None, value_head: nn.Module | None = None, callbacks=None,
-                 optimizer=None):
+                 reward_weights=None, reward_model=None, reference_model=None, value_head: nn.Module | None = None,
+                 callbacks=None, optimizer=None):
         super().__init__(model, tokenizer, config, reward_fn, reward_funcs=reward_funcs,
-                         reward_weights=reward_weights, reference_model=reference_model, callbacks=callbacks,
-                         optimizer=optimizer)
+                         reward_weights=reward_weights, reward_model=reward_model, reference_model=reference_model,
+                         callbacks=callbacks, optimizer=optimizer)
         self.value_model = PolicyWithValueHead(model, value_head, seed=self.config.seed)
 
     def train_module(self):
@@ -278,11 +303,4 @@ class PPOTrainer(OnlineRLTrainer):
     # ---- checkpoints ------------------------------------------------------------------------
     def load_checkpoint(self, path) -> None:
         """Load a PPO checkpoint (policy + value head) or a bare policy one (e.g. from SFT)."""
-        weights, _ = ckpt.read_weights(path)
-        full = dict(tree_flatten(self.value_model.trainable_parameters()))
-        policy_only = {k: v for k, v in full.items() if not k.startswith("value_head.")}
-        target = self.value_model if any(k.startswith("value_head.") for k in weights) else self.model
-        ckpt.check_compatible(path, weights, full if target is self.value_model else policy_only)
-        target.load_weights(list(weights.items()), strict=False)
-        mx.eval(target.parameters())
-
+        load_with_head(path, self.value_model)

@@ -23,6 +23,7 @@ from lazarus.training.base import Trainer, TrainerConfig
 from lazarus.training.dpo import DPOTrainer, DPOTrainerConfig
 from lazarus.training.grpo import GRPOConfig, GRPOTrainer
 from lazarus.training.ppo import PPOConfig, PPOTrainer
+from lazarus.training.reward import RewardConfig, RewardTrainer
 from lazarus.training.sft import SFTConfig, SFTTrainer
 
 #: What one line of data looks like, by the dataset class a trainer turns paths into (``--help`` text).
@@ -99,3 +100,5 @@ register("dpo", DPOTrainer, DPOTrainerConfig, "direct preference optimisation", 
 register("grpo", GRPOTrainer, GRPOConfig, "group relative policy optimisation (online RL)", reference_model=True,
          reward=True)
 register("ppo", PPOTrainer, PPOConfig, "proximal policy optimisation (online RL)", reference_model=True, reward=True)
+register("reward", RewardTrainer, RewardConfig, "reward model: Bradley-Terry scalar head on preference pairs",
+         data_format='{"prompt", "chosen", "rejected"[, "margin"]}')

@@ -9,7 +9,9 @@ A reward function scores one rollout batch at a time::
 aligned the same way (e.g. ``answer=[...]``). Return one number per completion, or
 ``None`` where the function does not apply (it then does not count for that completion).
 
-Several functions can be combined with weights; the total reward is the weighted sum.
+Several functions can be combined with weights; the total reward is the weighted sum. A trained
+reward model (``reward_model=``) joins them as one more function, named ``reward_model``, scored
+after the others (:func:`model_reward`).
 A function that raises, returns the wrong number of values or a non-number is reported
 with a :class:`RewardError` that names it.
 """
@@ -17,6 +19,7 @@ with a :class:`RewardError` that names it.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -116,6 +119,24 @@ class RewardFunctions:
                 raise RewardError(name, f"returned a non-finite reward at index {i}: {x}")
             vals[i] = x
         return vals
+
+
+def model_reward(reward_model):
+    """``reward_model=`` of GRPO/PPO as a :class:`~lazarus.training.RewardModel` (frozen, eval mode):
+    None stays None, a path is loaded with :func:`lazarus.models.load_reward_model`."""
+    if reward_model is None:
+        return None
+    from lazarus.models.reward_model import load_reward_model
+    from lazarus.training.reward import RewardModel
+
+    if isinstance(reward_model, (str, os.PathLike)):
+        reward_model = load_reward_model(reward_model)
+    if not isinstance(reward_model, RewardModel):
+        raise TypeError(f"reward_model must be a RewardModel (lazarus.models.load_reward_model) or the path of a "
+                        f"saved one, got {type(reward_model).__name__}")
+    reward_model.freeze()
+    reward_model.eval()
+    return reward_model
 
 
 def exact_match(column: str = "answer", *, strip: bool = True, name: str | None = None) -> RewardFn:
