@@ -92,9 +92,9 @@ class Loop:
         self.use_compile, self.handle_signals = compile, handle_signals
         self.ranks = Ranks(distributed)
         self.group, self.rank, self.world_size = self.ranks.group, self.ranks.rank, self.ranks.size
-        if distributed_timeout is None:  # a dead peer would block the others in a collective forever
-            distributed_timeout = float(os.environ.get("LAZARUS_DIST_TIMEOUT", "600"))
-        self.distributed_timeout = distributed_timeout
+        # a dead peer would block the others in a collective forever: the watchdog's limit
+        self.distributed_timeout = float(os.environ.get("LAZARUS_DIST_TIMEOUT", "600")) \
+            if distributed_timeout is None else distributed_timeout
         for data in (train_data, eval_data):
             if isinstance(data, DistributedBatchSource):
                 data.set_distributed(self.rank, self.world_size)

@@ -106,7 +106,9 @@ def test_dequantize_false_keeps_4bit_layers_with_float32_scales(published):
 def test_explicit_bfloat16_computes_in_bfloat16_and_lora_does_not_hide_the_base_dtype(published):
     model, _ = load_model(published["bf16"], use_lora=True, lora_rank=4)
     precision = apply_precision(model, dtype="bfloat16")
-    assert precision.compute == mx.bfloat16 and _dtypes(model.parameters()) == {mx.bfloat16}
+    assert precision.compute == mx.bfloat16 and _dtypes(model.parameters()) == {mx.bfloat16, mx.float32}
+    assert _dtypes(model.trainable_parameters()) == {mx.float32}  # LoRA matrices stay float32, as in mlx-lm
+    assert mx.bfloat16 not in _dtypes(model.trainable_parameters())
     model, _ = load_model(published["bf16"], use_lora=True, lora_rank=64)  # LoRA matrices are float32
     assert apply_precision(model).describe() == "computes in float32, saves bfloat16"
 

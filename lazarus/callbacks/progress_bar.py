@@ -25,8 +25,8 @@ class ProgressBar(Callback):
         if not state.is_main_process:
             return
         file = self.file or sys.stderr
-        for line in run_info_lines(state.run_info):
-            print(line, file=file, flush=True)
+        for line in run_info_lines(state.run_info):  # what trains: on stdout, as mlx-lm prints it
+            print(line, file=self.file or sys.stdout, flush=True)
         if not self.force and not (hasattr(file, "isatty") and file.isatty()):
             self.plain = file
             return

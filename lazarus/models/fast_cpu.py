@@ -115,8 +115,11 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
 
 
 def _softmax_last(x):
-    e = fast_exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    # A row masked everywhere (the padding positions of a left-padded prompt) gives all zeros,
+    # not 0/0 = NaN, which the next layer would spread to the real tokens.
+    m = x.max(axis=-1, keepdims=True)
+    e = fast_exp(x - mx.where(mx.isinf(m), 0.0, m))
+    return e / mx.maximum(e.sum(axis=-1, keepdims=True), 1e-30)
 
 
 @mx.custom_function

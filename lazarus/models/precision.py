@@ -151,8 +151,9 @@ def apply_precision(model: nn.Module, *, dtype: str = "auto", dequantize: bool |
             for name, m in model.named_modules():
                 if name in frozen:
                     m.freeze()
+    # LoRA's own matrices stay as created (float32), as mlx-lm keeps them over a bf16 base
     cast = [(k, v.astype(compute)) for k, v in tree_flatten(model.parameters())
-            if mx.issubdtype(v.dtype, mx.floating) and v.dtype != compute]
+            if mx.issubdtype(v.dtype, mx.floating) and v.dtype != compute and not k.endswith((".lora_a", ".lora_b"))]
     if cast:
         model.update(tree_unflatten(cast))
     mx.eval(model.parameters())
