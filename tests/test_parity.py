@@ -395,3 +395,28 @@ def test_ppo_loss_matches_cleanrl():
     check("ppo/loss", loss.item(), want_pg + vf_coef * want_vf)
     check("ppo/clipfrac", m["clip_ratio"].item(),
           mmean((-adv * np.clip(ratio, 1 - clip, 1 + clip) > -adv * ratio).astype(float)))
+
+
+def test_dpo_rpo_alpha_adds_the_chosen_nll_as_trl():
+    """TRL's rpo_alpha: loss = mean DPO loss + alpha * NLL of the chosen tokens (mean over all of them)."""
+    rng = np.random.default_rng(5)
+    pairs, t, v, beta, alpha = 3, 8, 11, 0.2, 0.7
+    logits = rng.normal(0, 1.5, (2 * pairs, t, v))
+    targets = rng.integers(0, v, (2 * pairs, t))
+    mask = ragged_mask(rng, 2 * pairs, t)
+    seq = (np_token_logps(logits, targets) * mask).sum(-1)
+    ref_c, ref_r = seq[:pairs] + rng.normal(0, 1, pairs), seq[pairs:] + rng.normal(0, 1, pairs)
+    dpo_loss_value, *_, dpo_grad = trl_dpo(logits, targets, mask, ref_c, ref_r, beta, "sigmoid", 0.0)
+    chosen = np.zeros_like(mask)
+    chosen[:pairs] = mask[:pairs]
+    nll = -(np_token_logps(logits, targets) * chosen).sum() / chosen.sum()
+    want_grad = dpo_grad + logits_grad(logits, targets, -alpha * chosen / chosen.sum())
+    model = FixedLogits(logits)
+    trainer = DPOTrainer(model, None, None, DPOTrainerConfig(dpo=DPOConfig(beta=beta, rpo_alpha=alpha)))
+    batch = {"inputs": mx.zeros((2 * pairs, t), mx.int32), "targets": mx.array(targets.astype(np.int32)),
+             "mask": mx.array(mask.astype(np.float32)), "ref_chosen": mx.array(ref_c.astype(np.float32)),
+             "ref_rejected": mx.array(ref_r.astype(np.float32))}
+    (loss, metrics), grads = nn.value_and_grad(model, trainer.compute_loss)(model, batch)
+    check("dpo/rpo/loss", loss.item(), dpo_loss_value + alpha * nll)
+    check("dpo/rpo/nll", metrics["nll_loss"].item(), nll)
+    check("dpo/rpo/grad", np.array(grads["logits"]), want_grad)

@@ -25,6 +25,9 @@ class DPOConfig(StrictConfig):
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed label noise "
                                    "(sigmoid loss only)")
+    rpo_alpha: float | None = Field(None, ge=0, description="RPO: add this times the chosen responses' NLL (mean "
+                                    "per token) to the loss, which keeps DPO from lowering the likelihood of "
+                                    "what it prefers (TRL's rpo_alpha); None: off")
 
     @model_validator(mode="after")
     def _check(self):
@@ -180,7 +183,8 @@ class DPOTrainer(Trainer):
     # ---- objective -------------------------------------------------------------------
     def compute_loss(self, model, batch):
         c = self.config.dpo
-        logps = sequence_logps(model, batch)
+        per_token = token_logps(model, batch["inputs"], batch["targets"]) * batch["mask"]
+        logps = per_token.sum(-1)
         n = logps.shape[0] // 2
         ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
         if c.loss_type == "ipo":  # IPO on per-token mean log-probs, policy and reference alike (TRL)
@@ -188,9 +192,14 @@ class DPOTrainer(Trainer):
             logps, ref_c, ref_r = logps / ntok, ref_c / ntok[:n], ref_r / ntok[n:]
         pc, pr = logps[:n], logps[n:]
         losses, cr, rr = dpo_loss(pc, pr, ref_c, ref_r, c.beta, c.loss_type, c.label_smoothing)
+        extra = {}
+        if c.rpo_alpha is not None:  # TRL: NLL of the chosen tokens, averaged over all of them
+            nll = -per_token[:n].sum() / mx.maximum(batch["mask"][:n].sum(), 1.0)
+            losses = losses + c.rpo_alpha * nll
+            extra["nll_loss"] = nll
         metrics = {
             "rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(), "rewards/margins": (cr - rr).mean(),
             "rewards/accuracies": (cr > rr).astype(mx.float32).mean(),
-            "logps/chosen": pc.mean(), "logps/rejected": pr.mean(),
+            "logps/chosen": pc.mean(), "logps/rejected": pr.mean(), **extra,
         }
         return losses.mean(), metrics
