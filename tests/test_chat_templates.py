@@ -348,7 +348,7 @@ def test_without_the_template_the_reply_ends_with_eos(families, tmp_path):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_generation_stops_at_the_end_of_turn_token(name, families):
+def test_generation_stops_at_the_end_of_turn_token(name, families, family_dirs):
     from lazarus.data.chat import end_of_turn_id
     from lazarus.training.generation import eos_token_ids, generate_completions
 
@@ -359,8 +359,9 @@ def test_generation_stops_at_the_end_of_turn_token(name, families):
     assert end in stops and tok.eos_token_id in stops
     if name == "llama3":  # generation_config.json's list is honoured
         assert stops == {tok.convert_tokens_to_ids("<|end_of_text|>"), end}
-    if name == "gemma":  # only the template says <end_of_turn> ends a reply
-        assert end not in tok.eos_token_ids
+    if name == "gemma":  # only the template says <end_of_turn> ends a reply: the configs name <eos> alone
+        for f in ("config.json", "generation_config.json"):
+            assert json.loads((family_dirs[name] / f).read_text())["eos_token_id"] == tok.eos_token_id != end
 
     class Forced(nn.Module):
         """The model with one token's logit raised far above the rest."""
