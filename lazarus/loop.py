@@ -132,9 +132,9 @@ class Loop:
         st.steps_per_epoch = len(self.train_data)
         if st.steps_per_epoch == 0:
             raise ValueError("the training data yields no batches (dataset smaller than one batch?)")
-        per_draw = self.hooks.steps_per_rollout() if self.rollout is not None else 1
-        st.planned_steps = self.max_steps if self.max_steps is not None else \
-            self.num_epochs * -(-st.steps_per_epoch // (1 if self.rollout else self.accum)) * per_draw
+        draws = -(-st.steps_per_epoch // self.accum) if self.rollout is None else st.steps_per_epoch * \
+            self.hooks.steps_per_rollout()  # optimizer steps per epoch
+        st.planned_steps = self.max_steps if self.max_steps is not None else self.num_epochs * draws
         self.sync_ranks()
         self.optimizer.init(self.model.trainable_parameters())
         if resume_from is not None:
@@ -294,9 +294,8 @@ class Loop:
         if self.eval_step is not None:
             metrics, weight = self.eval_step(batch)
             return {k: mx.array(v, dtype=mx.float32) for k, v in metrics.items()}, mx.array(float(weight))
-        if self._eval_fn is None:
+        if self._eval_fn is None:  # the weights are inputs (they change between evaluations), not traced constants
             fn = lambda arrays: self.eval_loss(self.model, arrays)  # noqa: E731
-            # the weights change between evaluations: they are inputs, not constants baked in at trace time
             self._eval_fn = mx.compile(fn, inputs=[self.model.state]) if self.use_compile else fn
         arrays = array_part(batch)
         loss, metrics = self._eval_fn(arrays)
