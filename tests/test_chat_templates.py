@@ -401,3 +401,11 @@ def test_sft_trains_on_a_template_without_pad_token(family_dirs, tmp_path):
                        checkpoint_interval=None, checkpoint_dir=str(tmp_path / "ckpt"))
     result = SFTTrainer(model, tok, config).train(ds)
     assert len(result.history) >= 3 and all(math.isfinite(h["loss"]) for h in result.history if "loss" in h)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "gemma", "mistral"])
+def test_loaded_tokenizers_stop_mlx_lm_generate_at_the_end_of_turn(name, families):
+    """mlx-lm's generate (used by `lazarus generate` and the demo) stops at tokenizer.eos_token_ids: load_model
+    adds the template's end-of-turn token there, also when the configs name only <eos> (gemma)."""
+    tok = families[name][1]
+    assert _end(tok, name) in tok.eos_token_ids

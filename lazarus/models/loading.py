@@ -191,7 +191,18 @@ def _load_folder(p: Path, name: str):
         except Exception as e:  # noqa: BLE001 - a truncated or malformed file fails in many ways (e.g. RuntimeError)
             raise _load_error(str(p), e) from None
         _mark_source(model, p)
+    _stop_at_end_of_turn(tokenizer)
     return model, tokenizer
+
+
+def _stop_at_end_of_turn(tokenizer) -> None:
+    """Make mlx-lm's ``generate`` stop at the chat template's end-of-turn token too (Gemma-style
+    models name only ``<eos>`` in their configs, yet end every turn with ``<end_of_turn>``)."""
+    from lazarus.data.chat import end_of_turn_id
+
+    end = end_of_turn_id(tokenizer)
+    if end is not None and end not in tokenizer.eos_token_ids:
+        tokenizer.add_eos_token(str(end))
 
 
 def _load(model, tokenizer, name, use_lora, lora_rank, lora_scale, lora_alpha, lora_dropout, lora_layers,
