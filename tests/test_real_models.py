@@ -323,8 +323,6 @@ def test_full_fine_tuning_a_4bit_model_needs_lora_or_dequantize(model_zoo, tmp_p
 
 
 # ------------------------------------------------------------------------------------ known bugs
-@pytest.mark.xfail(strict=True, reason="PolicyWithValueHead copies the policy's top-level modules before "
-                   "apply_precision replaces a 4-bit lm_head: the dequantized lm_head is never trained")
 def test_ppo_full_fine_tuning_of_a_dequantized_untied_model_trains_lm_head(model_zoo, tmp_path, examples):
     folder = model_zoo("llama", "float16", 4, tie=False)
     model, tok = load_model(folder)
@@ -336,8 +334,6 @@ def test_ppo_full_fine_tuning_of_a_dequantized_untied_model_trains_lm_head(model
     assert "lm_head.weight" in saved
 
 
-@pytest.mark.xfail(strict=True, reason="fast_cpu softmax of a fully masked row (a left-padded prompt's padding) "
-                   "is 0/0 = NaN, which then reaches the real tokens: padded rows generate <pad>")
 def test_fast_cpu_kernels_generate_like_mlx_from_left_padded_prompts(model_zoo):
     model, tok = load_model(model_zoo("llama", "bfloat16", None, tie=True))
     prompts = prompts_of_several_lengths(tok)

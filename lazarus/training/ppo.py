@@ -148,14 +148,25 @@ class PolicyWithValueHead(nn.Module):
 
     def __init__(self, policy: nn.Module, value_head: nn.Module | None = None, seed: int = 0):
         super().__init__()
-        what = type(self).__name__
+        object.__setattr__(self, "_policy", policy)
+        h = self.adopt_policy_modules()
+        if value_head is None:  # zero-initialised; built from `seed`, leaving MLX's global RNG alone
+            with seeded_rng(seed):
+                value_head = nn.Linear(h.shape[-1], 1)
+            value_head.weight = mx.zeros_like(value_head.weight)
+            value_head.bias = mx.zeros_like(value_head.bias)
+        self[self.head_name] = value_head
+
+    def adopt_policy_modules(self) -> mx.array:
+        """Take the policy's top-level modules (again: after ``apply_precision`` replaced a 4-bit
+        ``lm_head`` by a plain one, the wrapper must train the new one). Returns probe hidden states."""
+        policy, what = self._policy, type(self).__name__
         for k, v in policy.items():
             if isinstance(v, mx.array):
                 raise ValueError(f"{what} cannot wrap a model with a top-level parameter array ({k!r})")
             if k == self.head_name:
                 raise ValueError(f"the model already has a {self.head_name!r} entry")
             self[k] = v
-        object.__setattr__(self, "_policy", policy)
         pair = _hidden_and_head(policy)
         if pair is None:
             raise ValueError(f"{what} needs the final hidden states of the model ({type(policy).__name__} has no "
@@ -168,12 +179,7 @@ class PolicyWithValueHead(nn.Module):
                                                      policy(probe).astype(mx.float32), atol=1e-4).item()
         object.__setattr__(self, "_hidden", hidden)
         object.__setattr__(self, "_head", head if fused else None)
-        if value_head is None:  # zero-initialised; built from `seed`, leaving MLX's global RNG alone
-            with seeded_rng(seed):
-                value_head = nn.Linear(h.shape[-1], 1)
-            value_head.weight = mx.zeros_like(value_head.weight)
-            value_head.bias = mx.zeros_like(value_head.bias)
-        self[self.head_name] = value_head
+        return h
 
     @property
     def policy(self) -> nn.Module:
@@ -235,6 +241,11 @@ class PPOTrainer(OnlineRLTrainer):
 
     def train_module(self):
         return self.value_model
+
+    def apply_precision(self):
+        precision = super().apply_precision()
+        self.value_model.adopt_policy_modules()  # a dequantized lm_head is a new module
+        return precision
 
     def steps_per_rollout(self) -> int:
         return self.config.ppo_epochs * self.config.num_minibatches
