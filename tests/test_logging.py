@@ -145,8 +145,12 @@ def test_tensorboard_tags_and_values_match_history(tiny, examples, tmp_path):
     assert sorted(scalars["eval/loss"]) == [3, 6]
     # the eval loss is of the current weights, not a stale copy
     assert eval_rows[0]["eval/loss"] != eval_rows[1]["eval/loss"]
-    # hyper-parameters as text
+    # hyper-parameters as text, and what trains (parameter counts, precision, LoRA, data size)
     assert "learning_rate: 0.001" in texts.get("hparams/text_summary", "")
+    info = result.state.run_info
+    run_text = texts.get("run_info/text_summary", "")
+    assert f"({info['trainable_parameters'] / 1e6:.3f}M/{info['total_parameters'] / 1e6:.3f}M)" in run_text
+    assert "computes in float32" in run_text and f"{info['examples']:,} examples" in run_text
 
 
 def test_tensorboard_resume_continues_curve_without_duplicates(tiny_dir, examples, tmp_path):
@@ -201,6 +205,8 @@ def test_wandb_offline_metrics_and_config(tiny, examples, tmp_path, wandb_offlin
     assert config["batch_size"] == 8
     assert config["max_steps"] == 6
     assert config["mask_prompt"] is True
+    assert config["run/trainable_parameters"] == result.state.run_info["trainable_parameters"] > 0
+    assert config["run/precision"].startswith("computes in float32")
 
     train_logged = [r for r in rows if "train/loss" in r]
     eval_logged = [r for r in rows if "eval/loss" in r]
