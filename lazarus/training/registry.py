@@ -18,19 +18,23 @@ import re
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from lazarus.data import PreferenceDataset, PromptDataset, SFTDataset
+from lazarus.data import PreferenceDataset, PromptDataset, SFTDataset, UnpairedDataset
 from lazarus.training.base import Trainer, TrainerConfig
 from lazarus.training.dpo import DPOTrainer, DPOTrainerConfig
 from lazarus.training.grpo import GRPOConfig, GRPOTrainer
+from lazarus.training.kto import KTOConfig, KTOTrainer
+from lazarus.training.orpo import ORPOConfig, ORPOTrainer
 from lazarus.training.ppo import PPOConfig, PPOTrainer
 from lazarus.training.reward import RewardConfig, RewardTrainer
 from lazarus.training.sft import SFTConfig, SFTTrainer
+from lazarus.training.simpo import SimPOConfig, SimPOTrainer
 
 #: What one line of data looks like, by the dataset class a trainer turns paths into (``--help`` text).
 DATA_FORMATS = {
     SFTDataset: '{"prompt", "response"} or {"messages"}',
     PreferenceDataset: '{"prompt", "chosen", "rejected"}',
     PromptDataset: '{"prompt", <other columns passed to the reward>}',
+    UnpairedDataset: '{"prompt", "completion", "label": true|false}',
 }
 
 
@@ -100,5 +104,9 @@ register("dpo", DPOTrainer, DPOTrainerConfig, "direct preference optimisation", 
 register("grpo", GRPOTrainer, GRPOConfig, "group relative policy optimisation (online RL)", reference_model=True,
          reward=True)
 register("ppo", PPOTrainer, PPOConfig, "proximal policy optimisation (online RL)", reference_model=True, reward=True)
+register("orpo", ORPOTrainer, ORPOConfig, "odds ratio preference optimisation (SFT + odds-ratio penalty, no reference)")
+register("simpo", SimPOTrainer, SimPOConfig, "simple preference optimisation (length-normalised, no reference)")
+register("kto", KTOTrainer, KTOConfig, "Kahneman-Tversky optimisation (unpaired desirable/undesirable examples)",
+         reference_model=True)
 register("reward", RewardTrainer, RewardConfig, "reward model: Bradley-Terry scalar head on preference pairs",
          data_format='{"prompt", "chosen", "rejected"[, "margin"]}')
