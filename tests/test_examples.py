@@ -14,7 +14,7 @@ from lazarus.cli import build_parser, main, resolve_train_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO / "examples"
-YAMLS = ["sft", "dpo", "grpo", "ppo"]
+YAMLS = ["sft", "dpo", "grpo", "ppo", "orpo", "simpo", "kto"]
 
 
 def _available(paradigm):
@@ -56,22 +56,26 @@ def test_custom_objective_example_runs(tmp_path):
     assert (tmp_path / "checkpoints" / "final.safetensors").exists()
 
 
-def test_custom_objective_is_simpo(tiny):
-    """The subclass's compute_loss is SimPO: equal chosen/rejected give -log sigmoid(-gamma)."""
+def test_custom_objective_is_a_slic_hinge(tiny):
+    """The subclass's compute_loss is the SLiC hinge: equal chosen/rejected rows give delta (+ the NLL term)."""
     import mlx.core as mx
+
+    from lazarus.training.base import token_logps
 
     spec = importlib.util.spec_from_file_location("custom_objective", EXAMPLES_DIR / "custom_objective.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     model, tok = tiny
-    trainer = mod.SimPOTrainer(model, tok, mod.SimPOConfig(gamma=0.7, checkpoint_interval=None))
     ids = mx.array([[5, 6, 7, 8], [5, 6, 7, 8]])
     batch = {"inputs": ids, "targets": ids, "mask": mx.ones(ids.shape)}
-    loss, metrics = trainer.compute_loss(model, batch)
-    assert loss.item() == pytest.approx(math.log1p(math.exp(0.7)), rel=1e-5)
-    assert metrics["rewards/margins"].item() == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(Exception, match="gamma"):
-        mod.SimPOConfig(gamma=-1)
+    nll = -token_logps(model, ids[:1], ids[:1]).mean().item()
+    for weight in (0.0, 0.5):
+        trainer = mod.SLiCTrainer(model, tok, mod.SLiCConfig(delta=0.7, nll_weight=weight, checkpoint_interval=None))
+        loss, metrics = trainer.compute_loss(model, batch)
+        assert loss.item() == pytest.approx(0.7 + weight * nll, rel=1e-5)
+        assert metrics["rewards/margins"].item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(Exception, match="delta"):
+        mod.SLiCConfig(delta=-1)
 
 
 @pytest.mark.parametrize("paradigm", YAMLS)
