@@ -51,20 +51,24 @@ class RowLogits(FixedLogits):
 
 # ---------------------------------------------------------------- ORPO
 def trl_orpo(logits, targets, mask, beta):
-    """TRL ORPOTrainer: per-token mean log-probs, log odds, ``loss = NLL(chosen) - beta mean logsig``;
-    plus d loss / d logits by hand."""
+    """TRL ORPOTrainer: per-token mean log-probs of the responses, log odds, ``loss = NLL - beta mean
+    logsig`` where NLL is the cross-entropy of the whole chosen sequences (labels = input ids where
+    the attention mask is 1: prompt included, padding not); plus d loss / d logits by hand."""
     n = logits.shape[0] // 2
     tok = np_token_logps(logits, targets)
     lens = mask.sum(-1)
     avg = (tok * mask).sum(-1) / lens
     c, r = avg[:n], avg[n:]
-    nll = -(tok[:n] * mask[:n]).sum() / mask[:n].sum()
+    seq = np.zeros_like(mask[:n])  # the chosen sequences' targets: up to the response's end
+    for b in range(n):
+        seq[b, : np.nonzero(mask[b])[0].max() + 1] = 1.0
+    nll = -(tok[:n] * seq).sum() / seq.sum()
     log_odds = (c - r) - (np.log1p(-np.exp(c)) - np.log1p(-np.exp(r)))
     loss = nll - beta * np_logsigmoid(log_odds).mean()
     s = np_sigmoid(-log_odds)  # d logsigmoid(x) / dx; d log_odds / dc = 1 / (1 - e^c)
     d_avg = np.concatenate([-beta * s / (1 - np.exp(c)), beta * s / (1 - np.exp(r))]) / n
     d_tok = d_avg[:, None] * mask / lens[:, None]
-    d_tok[:n] -= mask[:n] / mask[:n].sum()
+    d_tok[:n] -= seq / seq.sum()
     metrics = {"rewards/chosen": beta * c.mean(), "rewards/rejected": beta * r.mean(),
                "rewards/margins": beta * (c - r).mean(), "rewards/accuracies": np.mean(c > r),
                "logps/chosen": c.mean(), "logps/rejected": r.mean(), "nll_loss": nll,

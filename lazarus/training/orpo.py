@@ -12,8 +12,7 @@ from pydantic import Field
 
 from lazarus.callbacks import EarlyStopping
 from lazarus.data import PreferenceDataset
-from lazarus.training.base import Trainer, TrainerConfig
-from lazarus.training.dpo import sequence_logps
+from lazarus.training.base import Trainer, TrainerConfig, token_logps
 
 #: Mean log-probs above this are treated as this value by :func:`log1mexp` (probability 1 - 1e-7
 #: per token): log(1 - p) and its gradient stay finite, and the odds-ratio term saturates there.
@@ -41,15 +40,20 @@ def orpo_loss(chosen_logps, rejected_logps, beta: float = 0.1):
     return losses, beta * chosen_logps, beta * rejected_logps, log_odds
 
 
-def preference_logps(model, batch):
+def preference_logps(model, batch, nll_with_prompt: bool = False):
     """``(mean_chosen, mean_rejected, nll)`` of a preference batch (chosen rows, then rejected):
-    each response's per-token mean log-prob, and the chosen responses' cross-entropy averaged
-    over all their tokens (``torch.nn.CrossEntropyLoss`` with the prompt ignored, as TRL)."""
-    sums = sequence_logps(model, batch)
-    counts = batch["mask"].sum(-1)
-    means = sums / mx.maximum(counts, 1.0)
-    n = sums.shape[0] // 2
-    nll = -sums[:n].sum() / mx.maximum(counts[:n].sum(), 1.0)
+    each response's per-token mean log-prob, and the chosen rows' cross-entropy averaged over all
+    their target tokens (``torch.nn.CrossEntropyLoss``, as TRL): the response tokens, or with
+    ``nll_with_prompt`` every token of the sequence but the first (TRL's ORPO), padding aside."""
+    mask = batch["mask"]
+    logps = token_logps(model, batch["inputs"], batch["targets"])
+    means = (logps * mask).sum(-1) / mx.maximum(mask.sum(-1), 1.0)
+    n = mask.shape[0] // 2
+    chosen = mask[:n]
+    if nll_with_prompt:  # a row's sequence ends where its response does; padding follows
+        position = mx.arange(mask.shape[1], dtype=mx.float32)
+        chosen = (position <= (chosen * position).max(-1, keepdims=True)).astype(mx.float32)
+    nll = -(logps[:n] * chosen).sum() / mx.maximum(chosen.sum(), 1.0)
     return means[:n], means[n:], nll
 
 
@@ -94,13 +98,14 @@ class ORPOTrainer(PairwiseTrainer):
     """``ORPOTrainer(model, tokenizer, ORPOConfig(...)).train("prefs.jsonl")``: no reference model.
 
     Loss per batch: ``NLL(chosen) - beta * mean(logsigmoid(log_odds))`` on per-token mean
-    log-probs. Logged as TRL: ``loss``, ``nll_loss``, ``log_odds_ratio`` (mean logsigmoid),
+    log-probs of the responses; the NLL is TRL's: the mean cross-entropy of the chosen sequences,
+    prompt tokens included. Logged as TRL: ``loss``, ``nll_loss``, ``log_odds_ratio`` (mean logsigmoid),
     ``log_odds_chosen`` (mean log odds), ``rewards/*`` (``beta * mean log-prob``), ``logps/*``."""
 
     config_class = ORPOConfig
 
     def compute_loss(self, model, batch):
-        chosen, rejected, nll = preference_logps(model, batch)
+        chosen, rejected, nll = preference_logps(model, batch, nll_with_prompt=True)
         losses, cr, rr, log_odds = orpo_loss(chosen, rejected, self.config.beta)
         metrics = reward_metrics(cr, rr, chosen, rejected)
         metrics.update({"nll_loss": nll, "log_odds_ratio": nn.log_sigmoid(log_odds).mean(),
