@@ -51,8 +51,19 @@ class DataLoader:
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         if epoch in self._cache:
             return self._cache[epoch]
+        batches = self._make_batches(np.random.default_rng([self.seed, epoch]))
+        # Filter after shuffling so the order of the kept batches does not depend on the rank count.
+        keep = [b for b in batches
+                if len(b) == self.batch_size or not (self.drop_last or len(b) % self.world_size)]
+        self._cache[epoch] = keep
+        while len(self._cache) > 2:  # epoch 0 (for len) and the current one are enough
+            self._cache.pop(next(k for k in self._cache if k != 0 and k != epoch))
+        return keep
+
+    def _make_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """The epoch's batches (arrays of item indices) from the epoch's generator, before the
+        rank filter. Items are examples here; a subclass may batch other units (packed rows)."""
         n = len(self.dataset)
-        rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         batches: list[np.ndarray] = []
         if self.bucket and self._lengths is not None:
@@ -65,13 +76,7 @@ class DataLoader:
             batches = [order[i: i + self.batch_size] for i in range(0, n, self.batch_size)]
         if self.shuffle and self.bucket:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        # Filter after shuffling so the order of the kept batches does not depend on the rank count.
-        keep = [b for b in batches
-                if len(b) == self.batch_size or not (self.drop_last or len(b) % self.world_size)]
-        self._cache[epoch] = keep
-        while len(self._cache) > 2:  # epoch 0 (for len) and the current one are enough
-            self._cache.pop(next(k for k in self._cache if k != 0 and k != epoch))
-        return keep
+        return batches
 
     def __len__(self) -> int:
         return len(self.epoch_batches(0))

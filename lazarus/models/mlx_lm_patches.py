@@ -37,6 +37,22 @@ mlx-lm class.
    *Undone*: :func:`disable_grad_checkpoint` clears the flags of a model's blocks, and once no
    block of the class is flagged any more it puts the class's original ``__call__`` back.
    :func:`grad_checkpointing` is the scoped form (enable on entry, disable on exit).
+
+3. **Packed attention** (:func:`packed_attention`, for SFT packing, :mod:`lazarus.data.packing`).
+   *What*: the module-level name ``create_attention_mask`` inside the ``mlx_lm.models.<architecture>``
+   modules behind ``model``'s layers is rebound to a function that returns the block-diagonal
+   causal mask of a packed batch (:func:`segment_mask`: boolean, ``(B, 1, T, T)``, a token sees the
+   earlier tokens of its own example; a sliding window, when the caller asks for one, is kept).
+   *Why*: each model's inner module builds its mask with that function (imported by name from
+   ``mlx_lm.models.base``) and hands it to every attention layer; models take no mask argument.
+   Entered inside ``compute_loss``, so it is active while ``mx.compile`` traces the forward pass:
+   the mask is a traced function of the batch's ``segment_ids``, and a new batch of the same
+   shape does not retrace.
+   *Which models*: the same modules as patch 1, for the duration of one forward pass; an
+   architecture whose forward pass never calls the function, or in which an example still sees
+   another example or depends on where in the row it starts (absolute position embeddings,
+   recurrent layers), is refused by :func:`check_packing_supported`.
+   *Undone*: on leaving the ``with`` block every rebound name gets its value from entry back.
 """
 
 from __future__ import annotations
@@ -171,3 +187,87 @@ def grad_checkpointing(model, enabled: bool = True):
         yield
     finally:
         disable_grad_checkpoint(model)
+
+
+# --------------------------------------------------------------------------- 3. packed attention
+
+
+class PackingUnsupported(ValueError):
+    """This model cannot train on packed rows (``packing: true``)."""
+
+
+def segment_mask(segment_ids: mx.array, window_size: int | None = None) -> mx.array:
+    """``(B, 1, T, T)`` boolean attention mask of packed rows: token ``i`` sees token ``j`` when both
+    have the same segment id and ``j <= i`` (and ``i - j < window_size`` with a window)."""
+    pos = mx.arange(segment_ids.shape[1])
+    allowed = pos[:, None] >= pos[None]
+    if window_size is not None:
+        allowed = allowed & (pos[:, None] < pos[None] + window_size)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & allowed)[:, None]
+
+
+@contextlib.contextmanager
+def packed_attention(model, segment_ids: mx.array | None):
+    """Patch 3 (see the module docstring): inside the block ``model``'s forward pass attends within
+    the segments of ``segment_ids`` (``(B, T)``) only. ``segment_ids=None``: does nothing."""
+    if segment_ids is None:
+        yield
+        return
+    masks: dict = {}  # one mask per window size, shared by every layer
+
+    def create_attention_mask(h, cache=None, window_size=None, return_array=False):
+        if h.shape[1] != segment_ids.shape[1]:
+            raise PackingUnsupported(f"packing: the model attends over {h.shape[1]} positions, the packed "
+                                     f"rows have {segment_ids.shape[1]}")
+        if window_size not in masks:
+            masks[window_size] = segment_mask(segment_ids, window_size)
+        return masks[window_size]
+
+    saved = [(mod, vars(mod)["create_attention_mask"]) for mod in _architecture_modules(model)
+             if "create_attention_mask" in vars(mod)]
+    if not saved:
+        raise PackingUnsupported(f"packing: {type(model).__module__} builds no attention mask that packing can "
+                                 "replace; set packing: false")
+    for mod, _ in saved:
+        mod.create_attention_mask = create_attention_mask
+    try:
+        yield
+    finally:
+        for mod, fn in reversed(saved):
+            mod.create_attention_mask = fn
+    if not masks:
+        raise PackingUnsupported(f"packing: the forward pass of {type(model).__module__} never asked for an "
+                                 "attention mask; set packing: false")
+
+
+def check_packing_supported(model, tolerance: float = 1e-3) -> None:
+    """Refuse (:class:`PackingUnsupported`) a model on which packed rows would not train like
+    separate examples. A short probe: the logits of one example must not change when another
+    example precedes it in the row (caught: recurrent or convolutional layers, masks built
+    elsewhere), nor differ from the example alone at position 0 (caught: absolute position
+    embeddings). Chunked attention (``attention_chunk_size``) is refused by name."""
+    name = type(model).__module__
+    if any(getattr(m, "attention_chunk_size", None) or getattr(getattr(m, "args", None), "attention_chunk_size", None)
+           for m in model.modules()):
+        raise PackingUnsupported(f"packing: {name} uses chunked attention (chunks at absolute positions); "
+                                 "set packing: false")
+    ids = mx.arange(24, dtype=mx.int32) % 37 + 3
+    rows = mx.stack([mx.concatenate([ids[:8], ids[8:]]), mx.concatenate([ids[8:16] * 0 + 5, ids[8:]])])
+    segments = mx.array([[1] * 8 + [2] * 16] * 2, dtype=mx.int32)
+    was_training = model.training
+    model.eval()
+    try:
+        with packed_attention(model, segments):
+            packed = model(rows)[:, 8:].astype(mx.float32)
+        alone = model(ids[None, 8:]).astype(mx.float32)[0]
+    finally:
+        model.train(was_training)
+    scale = mx.maximum(mx.abs(alone).max(), 1e-6)
+    leak = (mx.abs(packed[0] - packed[1]).max() / scale).item()
+    shift = (mx.abs(packed[0] - alone).max() / scale).item()
+    if leak > tolerance or shift > 10 * tolerance:
+        why = "examples in one row influence each other" if leak > tolerance else \
+            "its output depends on where an example starts in the row (absolute positions)"
+        raise PackingUnsupported(f"packing: {name} cannot be packed: {why} (probe difference "
+                                 f"{max(leak, shift):.2g}); set packing: false")

@@ -8,11 +8,15 @@ import mlx.core as mx
 from pydantic import Field
 
 from lazarus.data import SFTDataset
+from lazarus.data.packing import PackedDataLoader
+from lazarus.models.mlx_lm_patches import check_packing_supported, packed_attention
 from lazarus.training.base import Trainer, TrainerConfig, token_logps
 
 
 class SFTConfig(TrainerConfig):
     mask_prompt: bool = Field(True, description="Exclude prompt tokens from the loss")
+    packing: bool = Field(False, description="Pack several examples into each row (each attends only to itself); "
+                                             "batch_size then counts rows (see training.md)")
 
     def dataset_kwargs(self) -> dict:
         return {"max_length": self.max_length, "mask_prompt": self.mask_prompt}
@@ -23,7 +27,11 @@ class SFTTrainer(Trainer):
 
     Loss: mean over target tokens of the batch (and, with accumulation or several ranks,
     over all target tokens of the optimizer step). Logged: ``loss``, ``ppl``,
-    ``tokens_per_second`` (target tokens), ``eval/loss`` with an eval set."""
+    ``tokens_per_second`` (target tokens), ``eval/loss`` with an eval set.
+
+    With ``packing: true`` the loader packs examples into rows (:mod:`lazarus.data.packing`) and
+    the forward pass attends within each example only (a ``segment_ids`` batch entry): the loss
+    and gradients are those of the same examples unpacked."""
 
     config_class = SFTConfig
     dataset_class = SFTDataset
@@ -36,8 +44,26 @@ class SFTTrainer(Trainer):
             return data
         return SFTDataset(data, self.tokenizer, **dict(self.config.dataset_kwargs(), max_length=self.max_length()))
 
+    def make_loader(self, dataset, split: str = "train"):
+        if not self.config.packing:
+            return super().make_loader(dataset, split)
+        c = self.config
+        return PackedDataLoader(dataset, c.batch_size, limit=self.max_length(), shuffle=(split == "train"), seed=c.seed)
+
+    def prepare(self, train_loader, eval_loader, resuming: bool) -> None:
+        if self.config.packing:
+            check_packing_supported(self.model)
+
+    def run_info(self, dataset) -> dict:
+        info = super().run_info(dataset)
+        loader = self.loop.train_data if self.loop is not None else None
+        if isinstance(loader, PackedDataLoader):
+            info["packing"] = loader.describe()
+        return info
+
     def compute_loss(self, model, batch):
-        logps = token_logps(model, batch["inputs"], batch["targets"])
+        with packed_attention(model, batch.get("segment_ids")):
+            logps = token_logps(model, batch["inputs"], batch["targets"])
         mask = batch["mask"]
         ntok = mx.maximum(mask.sum(), 1.0)
         loss = -(logps * mask).sum() / ntok
