@@ -1,12 +1,18 @@
 """``lazarus demo``: the whole post-training pipeline on the embedded tiny model, offline, on CPU.
 
+The task is arithmetic ("What is 7+5?" -> "12"), and the data is imperfect the way real SFT data
+is: most training answers were written by a labeler who hedges ("12, I think"). Each stage fixes
+what it can, measured on 30 held-out questions (sums never seen in training):
+
 1. build the tiny model (random weights, ``create_tiny_model`` defaults) into ``<output>/model``;
-2. supervised fine-tuning on ``sft_train.jsonl`` (arithmetic: "What is 7+5?" -> "12");
-3. DPO on ``preferences.jsonl`` (the right sum is preferred over a near miss), starting from
-   the SFT model, which is also its frozen reference;
-4. a before/after table: exact-match accuracy of greedy answers to the 30 held-out questions
-   (pairs never seen in training), the eval loss (mean NLL of the held-out answer tokens) and
-   how often the right sum is likelier than a near miss on held-out pairs.
+2. supervised fine-tuning on ``<output>/data/sft.jsonl`` (the shipped ``sft_train.jsonl``, 80% of
+   the answers hedged): the model learns to add, and to hedge;
+3. DPO on ``<output>/data/preferences.jsonl`` (the plain answer preferred over the hedged one, on
+   the training questions), from the SFT model, which is also its frozen reference, with RPO's
+   NLL term (``rpo_alpha``) so the preferred answers' likelihood cannot fall: the hedge goes;
+4. a before/after table: exact-match accuracy of greedy answers, the share whose sum is right
+   whatever the wording, the share that hedges, the eval loss (mean NLL of the plain held-out
+   answers) and how often the right sum is likelier than a near miss.
 
 Checkpoints go to ``<output>/sft/checkpoints`` and ``<output>/dpo/checkpoints``, TensorBoard
 logs to ``<output>/runs``; ``<output>/results.json`` holds the numbers.
@@ -33,6 +39,8 @@ class DemoPlan:
     dpo_steps: int
     dpo_lr: float
     dpo_beta: float
+    rpo_alpha: float = 1.0
+    hedged_fraction: float = 0.8  # of the SFT answers
     batch_size: int = 16
     warmup_steps: int = 200
     eval_interval: int = 250
@@ -40,22 +48,37 @@ class DemoPlan:
     n_eval: int | None = None  # held-out questions scored (None: all 30)
 
 
-# Tuned on 2 CPU cores: SFT memorises the 139 training sums within ~400 steps (800 steps: 93.3% held-out,
-# the same as 1500); the strong
-# weight decay keeps pushing it from memorising towards adding, which is what lifts held-out accuracy.
-# After that SFT, DPO on the training pairs moves held-out accuracy by about one question either way
-# (measured: 93.3% -> 93.3% at lr 5e-6; 2e-5 gave 60%, 1e-4 gave 23%); larger DPO learning rates widen the margins
-# faster but cost held-out accuracy. The table reports whatever happens.
-FULL = DemoPlan(sft_steps=800, sft_lr=2e-3, sft_weight_decay=1.0, dpo_steps=100, dpo_lr=5e-6, dpo_beta=0.1)
-QUICK = DemoPlan(sft_steps=30, sft_lr=2e-3, sft_weight_decay=1.0, dpo_steps=6, dpo_lr=5e-6, dpo_beta=0.1,
+# Tuned on 2 CPU cores. SFT: the strong weight decay pushes the model from memorising the 139 training
+# sums towards adding; with 80% hedged answers it hedges on most held-out questions (measured: 27%
+# exact, most of the rest right but hedged). DPO without the NLL term also lowered the digits' likelihood
+# (17/30 exact); with rpo_alpha 1.0 and lr 2e-5 it removed the hedge and kept the sums (27/30).
+FULL = DemoPlan(sft_steps=800, sft_lr=2e-3, sft_weight_decay=1.0, dpo_steps=100, dpo_lr=2e-5, dpo_beta=0.1)
+QUICK = DemoPlan(sft_steps=30, sft_lr=2e-3, sft_weight_decay=1.0, dpo_steps=6, dpo_lr=2e-5, dpo_beta=0.1,
                  warmup_steps=5, eval_interval=15, log_interval=5, n_eval=8)
+HEDGE = ", I think"
+
+
+def write_demo_data(directory: Path, hedged_fraction: float) -> tuple[Path, Path]:
+    """The demo's training data, written next to its outputs: the shipped SFT questions with most
+    answers hedged (a fixed, seeded choice), and preference pairs plain > hedged on the same questions."""
+    import random
+
+    rng = random.Random(0)
+    rows = _read("sft_train.jsonl")
+    directory.mkdir(parents=True, exist_ok=True)
+    sft = [{"prompt": r["prompt"], "response": r["response"] + HEDGE if rng.random() < hedged_fraction
+            else r["response"]} for r in rows]
+    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": r["response"] + HEDGE} for r in rows]
+    for name, data in (("sft.jsonl", sft), ("preferences.jsonl", pairs)):
+        (directory / name).write_text("".join(json.dumps(r) + "\n" for r in data))
+    return directory / "sft.jsonl", directory / "preferences.jsonl"
 
 
 def _read(name: str) -> list[dict]:
     return [json.loads(line) for line in (EXAMPLES / name).read_text().splitlines() if line.strip()]
 
 
-def greedy_answers(model, tokenizer, prompts: list[str], max_tokens: int = 6) -> list[str]:
+def greedy_answers(model, tokenizer, prompts: list[str], max_tokens: int = 12) -> list[str]:
     """Greedy (temperature 0) replies through mlx-lm's ``generate``, chat template applied."""
     from mlx_lm import generate
     from mlx_lm.sample_utils import make_sampler
@@ -109,10 +132,21 @@ def preference_accuracy(model, tokenizer, path) -> float:
     return float((logps[:n] > logps[n:]).mean())
 
 
+def _right_sum(answer: str, want: str) -> bool:
+    digits = ""
+    for ch in answer.strip():
+        if not ch.isdigit():
+            break
+        digits += ch
+    return digits == want.strip()
+
+
 def _measure(label, model, tokenizer, rows, eval_path, pairs_path) -> dict:
     model.eval()
     c, n, answers = accuracy(model, tokenizer, rows)
     return {"model": label, "correct": c, "total": n, "accuracy": c / n,
+            "right_sum": sum(_right_sum(a, r["response"]) for a, r in zip(answers, rows)) / n,
+            "hedged": sum(a.strip().startswith(tuple("0123456789")) and ", I" in a for a in answers) / n,
             "eval_loss": _eval_loss(model, tokenizer, eval_path),
             "preference_accuracy": preference_accuracy(model, tokenizer, pairs_path), "answers": answers}
 
@@ -122,12 +156,13 @@ def _say(msg: str = "") -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"  {'model':<20} {'held-out accuracy':>18} {'eval loss':>10} {'prefers right sum':>18}"
+    head = (f"  {'model':<20} {'held-out accuracy':>18} {'right sum':>10} {'hedged':>7} {'eval loss':>10} "
+            f"{'prefers right sum':>18}")
     lines = [head, "  " + "-" * (len(head) - 2)]
     for r in rows:
         acc = f"{100 * r['accuracy']:.1f}% ({r['correct']}/{r['total']})"
-        lines.append(f"  {r['model']:<20} {acc:>18} {r['eval_loss']:>10.3f} "
-                     f"{100 * r['preference_accuracy']:>17.1f}%")
+        lines.append(f"  {r['model']:<20} {acc:>18} {100 * r['right_sum']:>9.1f}% {100 * r['hedged']:>6.1f}% "
+                     f"{r['eval_loss']:>10.3f} {100 * r['preference_accuracy']:>17.1f}%")
     return "\n".join(lines)
 
 
@@ -151,12 +186,13 @@ def run_demo(output: str | Path = "demo_output", quick: bool = False, progress: 
         return ProgressBar(force=True, file=sys.stdout) if progress else ProgressBar(file=io.StringIO())
 
     t_start = time.perf_counter()
-    for sub in ("model", "sft", "dpo", "runs"):  # only what an earlier demo run wrote
+    for sub in ("model", "sft", "dpo", "runs", "data"):  # only what an earlier demo run wrote
         if (out / sub).exists():
             shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
 
-    _say("Lazarus demo: SFT then DPO on the embedded tiny model (arithmetic: 'What is 7+5?' -> '12')"
+    _say("Lazarus demo: SFT then DPO on the embedded tiny model (arithmetic: 'What is 7+5?' -> '12'; "
+         f"{100 * plan.hedged_fraction:.0f}% of the SFT answers hedge: '12{HEDGE}')"
          + ("  [quick mode: a few steps only]" if quick else ""))
     if _blas.loaded is None:
         _say("  note: no optimised BLAS found, CPU training will be slow (" + _blas.INSTALL_HINT + ")")
@@ -168,13 +204,14 @@ def run_demo(output: str | Path = "demo_output", quick: bool = False, progress: 
     eval_path = EXAMPLES / "sft_eval.jsonl"
     pairs_path = out / "heldout_preferences.jsonl"
     pairs_path.write_text("".join(json.dumps(p) + "\n" for p in heldout_pairs(held_out)))
+    sft_data, dpo_data = write_demo_data(out / "data", plan.hedged_fraction)
     _say(f"[1/4] built the tiny model ({n_params / 1e6:.2f}M parameters, random weights) in {model_dir}")
 
     results = [_measure("base (random init)", model, tok, held_out, eval_path, pairs_path)]
 
     # ---- SFT ---------------------------------------------------------------------------
     _say(f"[2/4] SFT: {plan.sft_steps} steps, batch {plan.batch_size}, lr {plan.sft_lr:g}, full fine-tuning "
-         f"on {EXAMPLES / 'sft_train.jsonl'}")
+         f"on {sft_data}")
     sft_dir = out / "sft" / "checkpoints"
     sft_cfg = SFTConfig(max_steps=plan.sft_steps, batch_size=plan.batch_size, learning_rate=plan.sft_lr,
                         weight_decay=plan.sft_weight_decay, warmup_steps=plan.warmup_steps, lr_schedule="cosine",
@@ -183,24 +220,25 @@ def run_demo(output: str | Path = "demo_output", quick: bool = False, progress: 
     sft = SFTTrainer(model, tok, sft_cfg, callbacks=[TensorBoardLogger(out / "runs" / "sft"),
                                                       bar()])
     t0 = time.perf_counter()
-    sft_result = sft.train(SFTDataset(EXAMPLES / "sft_train.jsonl", tok), eval_dataset=SFTDataset(eval_path, tok))
+    sft_result = sft.train(SFTDataset(sft_data, tok), eval_dataset=SFTDataset(eval_path, tok))
     sft_seconds = time.perf_counter() - t0
     results.append(_measure("after SFT", model, tok, held_out, eval_path, pairs_path))
     _say(f"      done in {sft_seconds:.0f}s ({sft_result.stop_reason}); held-out accuracy "
-         f"{100 * results[-1]['accuracy']:.1f}%")
+         f"{100 * results[-1]['accuracy']:.1f}%, right sum {100 * results[-1]['right_sum']:.1f}%, hedged "
+         f"{100 * results[-1]['hedged']:.1f}%")
 
     # ---- DPO ---------------------------------------------------------------------------
-    _say(f"[3/4] DPO: {plan.dpo_steps} steps, beta {plan.dpo_beta}, lr {plan.dpo_lr:g} on "
-         f"{EXAMPLES / 'preferences.jsonl'} (reference: the SFT model)")
+    _say(f"[3/4] DPO: {plan.dpo_steps} steps, beta {plan.dpo_beta}, rpo_alpha {plan.rpo_alpha}, lr {plan.dpo_lr:g} "
+         f"on {dpo_data} (plain answer > hedged; reference: the SFT model)")
     dpo_dir = out / "dpo" / "checkpoints"
-    dpo_cfg = DPOTrainerConfig(dpo=DPOConfig(beta=plan.dpo_beta), max_steps=plan.dpo_steps,
+    dpo_cfg = DPOTrainerConfig(dpo=DPOConfig(beta=plan.dpo_beta, rpo_alpha=plan.rpo_alpha), max_steps=plan.dpo_steps,
                                batch_size=plan.batch_size, learning_rate=plan.dpo_lr, warmup_steps=0,
                                log_interval=plan.log_interval, checkpoint_interval=None,
                                checkpoint_dir=str(dpo_dir), target_reward_margin=None, seed=0)
     dpo = DPOTrainer(model, None, tok, dpo_cfg, callbacks=[TensorBoardLogger(out / "runs" / "dpo"),
                                                            bar()])
     t0 = time.perf_counter()
-    dpo_result = dpo.train(PreferenceDataset(EXAMPLES / "preferences.jsonl", tok))
+    dpo_result = dpo.train(PreferenceDataset(dpo_data, tok))
     dpo_seconds = time.perf_counter() - t0
     results.append(_measure("after SFT + DPO", model, tok, held_out, eval_path, pairs_path))
     last = [h for h in dpo_result.history if "rewards/margins" in h][-1]
@@ -211,14 +249,15 @@ def run_demo(output: str | Path = "demo_output", quick: bool = False, progress: 
     total = time.perf_counter() - t_start
     _say(f"[4/4] results on {len(held_out)} held-out questions (sums never seen in training):")
     _say(format_table(results))
-    _say("  (accuracy: exact greedy answers; eval loss: mean NLL of the held-out answer tokens; prefers right "
-         "sum: share of held-out pairs where the right sum is likelier than a near miss)")
+    _say("  (accuracy: exact greedy answers; right sum: the answer starts with the right number, hedged or not; "
+         "hedged: answers that add 'I think'; eval loss: mean NLL of the plain held-out answers; prefers right sum: "
+         "share of held-out pairs where the right sum is likelier than a near miss)")
     base, after_sft, after_dpo = results
     d_sft = 100 * (after_sft["accuracy"] - base["accuracy"])
     d_dpo = 100 * (after_dpo["accuracy"] - after_sft["accuracy"])
-    _say(f"  SFT changed held-out accuracy by {d_sft:+.1f} points, DPO by {d_dpo:+.1f} points"
-         + (f" (one question is {100 / len(held_out):.1f} points: on this task SFT does the heavy lifting and "
-            "DPO mostly widens the margins on its training pairs)" if not quick and abs(d_dpo) <= 7 else ""))
+    _say(f"  SFT taught the sums (right sum {100 * after_sft['right_sum']:.0f}%) and the hedge; held-out accuracy "
+         f"{d_sft:+.1f} points. DPO removed the hedge ({100 * after_sft['hedged']:.0f}% -> "
+         f"{100 * after_dpo['hedged']:.0f}% hedged): {d_dpo:+.1f} points")
     examples = [f"{r['prompt']} -> {a!r}" for r, a in zip(held_out[:3], results[-1]["answers"][:3])]
     _say("  e.g. " + "; ".join(examples))
     _say("")

@@ -21,7 +21,7 @@ def test_demo_quick(tmp_path, capsys):
     # before/after table
     assert re.search(r"base \(random init\)\s+\d+\.\d% \(\d+/8\)", stdout), stdout
     assert "after SFT " in stdout and "after SFT + DPO" in stdout
-    assert "held-out accuracy" in stdout and "eval loss" in stdout
+    assert "held-out accuracy" in stdout and "eval loss" in stdout and "hedged" in stdout
     # where things are
     assert f"{out / 'sft' / 'checkpoints'}" in stdout and "tensorboard --logdir" in stdout
     assert "lazarus generate --model" in stdout
@@ -36,6 +36,13 @@ def test_demo_quick(tmp_path, capsys):
         assert 0.0 <= r["accuracy"] <= 1.0 and r["total"] == 8 and r["eval_loss"] > 0
     base, sft, _ = summary["results"]
     assert sft["eval_loss"] < base["eval_loss"]  # even 30 steps of SFT lower the held-out loss
+
+    # the demo's data: hedged SFT answers, and plain > hedged preference pairs on the same questions
+    sft_rows = [json.loads(x) for x in (out / "data" / "sft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(x) for x in (out / "data" / "preferences.jsonl").read_text().splitlines()]
+    hedged = sum(r["response"].endswith(", I think") for r in sft_rows) / len(sft_rows)
+    assert 0.7 < hedged < 0.9 and len(pairs) == len(sft_rows)
+    assert all(p["rejected"] == p["chosen"] + ", I think" for p in pairs)
 
     assert (out / "model" / "config.json").exists()
     assert (out / "sft" / "checkpoints" / "final.safetensors").exists()
@@ -59,6 +66,7 @@ def test_demo_full_improves_accuracy(tmp_path, capsys):
     assert rc == 0
     base, sft, dpo = json.loads((tmp_path / "results.json").read_text())["results"]
     assert base["accuracy"] <= 0.1
-    assert sft["accuracy"] >= 0.6
-    assert dpo["accuracy"] >= 0.6
-    assert sft["eval_loss"] < 0.5 * base["eval_loss"]
+    assert sft["right_sum"] >= 0.7 and sft["hedged"] >= 0.5  # SFT taught the sums, and the hedge
+    assert dpo["accuracy"] >= sft["accuracy"] + 0.3 and dpo["hedged"] <= 0.1  # DPO removed the hedge
+    assert dpo["right_sum"] >= sft["right_sum"] - 0.1
+    assert sft["eval_loss"] < 0.5 * base["eval_loss"] and dpo["eval_loss"] < sft["eval_loss"]
