@@ -51,7 +51,7 @@ def test_registered_paradigm_is_a_subcommand_that_trains(scaled, tiny_dir, examp
     assert '{"prompt", "response"} or {"messages"}' in out  # data format from the trainer's dataset class
     assert any(ln.split()[:1] == ["scale"] and "[default: 1.0]" in ln for ln in out.splitlines())
     rc, _, err = run_cli(capsys, "train")
-    assert rc == 2 and "{sft,dpo,grpo,ppo,scaled-sft}" in err
+    assert rc == 2 and "{sft,dpo,grpo,ppo,orpo,simpo,kto,reward,scaled-sft}" in err
 
     out_dir = tmp_path / "run"
     rc, out, err = run_cli(capsys, "train", scaled, "--model", tiny_dir, "--data", examples / "sft_train.jsonl",
@@ -85,8 +85,8 @@ def test_register_refuses_taken_names_and_wrong_classes():
         registry.register("not-a-trainer", object, ScaledConfig)
     with pytest.raises(TypeError, match="TrainerConfig subclass"):
         registry.register("not-a-config", ScaledSFTTrainer, dict)
-    assert [p.name for p in registry.paradigms()] == ["sft", "dpo", "grpo", "ppo"]
-    with pytest.raises(KeyError, match="registered: sft, dpo, grpo, ppo"):
+    assert [p.name for p in registry.paradigms()] == ["sft", "dpo", "grpo", "ppo", "orpo", "simpo", "kto", "reward"]
+    with pytest.raises(KeyError, match="registered: sft, dpo, grpo, ppo, orpo, simpo, kto, reward"):
         registry.get("nope")
 
 
