@@ -1,6 +1,6 @@
 """The ``lazarus`` command line.
 
-    lazarus train {sft,dpo,grpo,ppo} --model DIR --data FILE [--eval-data FILE] [--config FILE.yaml]
+    lazarus train {sft,dpo,grpo,ppo,orpo,simpo,kto,reward} --model DIR --data FILE [--eval-data FILE] [--config FILE.yaml]
                   [--output DIR] [--max-steps N] [--lora] [--resume PATH] [--set KEY=VALUE ...]
     lazarus init-model DIR
     lazarus demo [--output DIR] [--quick]

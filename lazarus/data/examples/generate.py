@@ -29,6 +29,9 @@ def main():
         wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
         prefs.append({"prompt": q(a, b), "chosen": str(a + b), "rejected": str(max(wrong, 0) if wrong != a + b else a + b + 1)})
     _write("preferences.jsonl", prefs)
+    # KTO's unpaired form of the same pairs: each chosen answer desirable, each rejected one not
+    _write("kto.jsonl", [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+                         for p in prefs for side in ("chosen", "rejected")])
     _write("prompts_train.jsonl", [{"prompt": q(a, b), "answer": str(a + b)} for a, b in train])
     _write("prompts_eval.jsonl", [{"prompt": q(a, b), "answer": str(a + b)} for a, b in held_out])
 
