@@ -63,7 +63,7 @@ def _start_watchdog(guards: Guards, rank: int, timeout: float) -> threading.Even
 
     def watch():
         while not done.wait(1.0):
-            if (launcher and not _alive(launcher)) or os.getppid() != parent:
+            if (launcher and not process_alive(launcher)) or os.getppid() != parent:
                 print(f"[lazarus] rank {rank}: the launcher exited; aborting.", file=sys.stderr, flush=True)
                 os._exit(1)
             idle = time.monotonic() - guards.last_beat
@@ -76,7 +76,7 @@ def _start_watchdog(guards: Guards, rank: int, timeout: float) -> threading.Even
     return done
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, killed but not yet reaped, counts as gone on Linux)."""
     try:
         os.kill(pid, 0)

@@ -27,6 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from lazarus.checkpointing import NonFiniteError, _fsync_dir, first_non_finite
+from lazarus.guards import process_alive
 from lazarus.models.loading import load_model, source_dir as loaded_from
 from lazarus.models.precision import as_dtype, dtype_name
 
@@ -214,19 +215,9 @@ def _remove_stale(out: Path) -> None:
     """What a killed export to ``out`` left beside it (unless its process still runs)."""
     for p in [*out.parent.glob(f".{out.name}.*.partial"), *out.parent.glob(f".{out.name}.*.old")]:
         pid = p.name[len(out.name) + 2:].split(".")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
             continue  # another export to the same place is under way
         shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def fuse_adapters(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,

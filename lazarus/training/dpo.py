@@ -11,11 +11,10 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from lazarus import _blas
-from lazarus.callbacks import EarlyStopping
-from lazarus.data import PreferenceDataset
 from lazarus.data.batching import DataLoader
 from lazarus.models.lora import adapters_disabled, lora_settings
-from lazarus.training.base import StrictConfig, Trainer, TrainerConfig, token_logps
+from lazarus.training.base import StrictConfig, TrainerConfig, token_logps
+from lazarus.training.pairwise import PairwiseTrainer, reward_metrics
 
 
 class DPOConfig(StrictConfig):
@@ -70,7 +69,7 @@ def sequence_logps(model, batch):
     return (token_logps(model, batch["inputs"], batch["targets"]) * batch["mask"]).sum(-1)
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(PairwiseTrainer):
     """``DPOTrainer(policy, reference, tokenizer, DPOTrainerConfig(...))``.
 
     The reference never gets gradients: its log-probs are computed once for the whole
@@ -79,7 +78,6 @@ class DPOTrainer(Trainer):
     has them (no second copy of the weights)."""
 
     config_class = DPOTrainerConfig
-    dataset_class = PreferenceDataset
 
     def __init__(self, model, reference_model=None, tokenizer=None, config: DPOTrainerConfig | None = None,
                  callbacks=None, optimizer=None):
@@ -95,17 +93,6 @@ class DPOTrainer(Trainer):
         if reference_model is not None:
             reference_model.freeze()
             reference_model.eval()
-
-    def default_callbacks(self):
-        cbs = super().default_callbacks()
-        if self.config.target_reward_margin is not None:
-            cbs.append(EarlyStopping(target_reward_margin=self.config.target_reward_margin))
-        return cbs
-
-    def as_dataset(self, data):
-        if data is None or hasattr(data, "collate"):
-            return data
-        return PreferenceDataset(data, self.tokenizer, max_length=self.max_length())
 
     # ---- reference cache -------------------------------------------------------------
     def collate_fn(self, dataset, split):
@@ -197,9 +184,4 @@ class DPOTrainer(Trainer):
             nll = -per_token[:n].sum() / mx.maximum(batch["mask"][:n].sum(), 1.0)
             losses = losses + c.rpo_alpha * nll
             extra["nll_loss"] = nll
-        metrics = {
-            "rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(), "rewards/margins": (cr - rr).mean(),
-            "rewards/accuracies": (cr > rr).astype(mx.float32).mean(),
-            "logps/chosen": pc.mean(), "logps/rejected": pr.mean(), **extra,
-        }
-        return losses.mean(), metrics
+        return losses.mean(), {**reward_metrics(cr, rr, pc, pr), **extra}

@@ -8,7 +8,7 @@ import mlx.nn as nn
 from pydantic import Field
 
 from lazarus.training.base import TrainerConfig
-from lazarus.training.orpo import PairwiseTrainer, preference_logps, reward_metrics
+from lazarus.training.pairwise import PairwiseTrainer, preference_logps, reward_metrics
 
 
 def simpo_loss(chosen_logps, rejected_logps, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0):
