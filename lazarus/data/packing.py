@@ -4,10 +4,10 @@ A packed row holds whole examples one after another (an example is never split a
 then padding up to the row length. ``segment_ids`` numbers the examples of a row 1, 2, ...
 and gives the padding the next number, so the attention mask built from it
 (:func:`lazarus.models.mlx_lm_patches.packed_attention`) is block-diagonal and causal: each
-example sees only its own earlier tokens, and no row of the mask is ever empty. Positions are
-not restarted per example: with rotary (or no) position encodings attention depends only on
-the distance between two tokens of one example, so the logits equal the unpacked example's
-(architectures where that fails are refused, see ``check_packing_supported``).
+example sees only its own earlier tokens, and no row of the mask is ever empty. Rotary
+positions restart at 0 for every example (patch 3 of :mod:`lazarus.models.mlx_lm_patches`), so
+the logits equal the unpacked example's; architectures where that cannot hold (absolute
+position embeddings, recurrent layers) are refused by ``check_packing_supported``.
 
 Rows are planned once per run, a pure function of the example lengths, the row length and the
 seed (:func:`pack`: the longest example left opens a row, the longest that still fits joins it,

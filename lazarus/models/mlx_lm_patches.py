@@ -39,20 +39,32 @@ mlx-lm class.
    :func:`grad_checkpointing` is the scoped form (enable on entry, disable on exit).
 
 3. **Packed attention** (:func:`packed_attention`, for SFT packing, :mod:`lazarus.data.packing`).
-   *What*: the module-level name ``create_attention_mask`` inside the ``mlx_lm.models.<architecture>``
-   modules behind ``model``'s layers is rebound to a function that returns the block-diagonal
-   causal mask of a packed batch (:func:`segment_mask`: boolean, ``(B, 1, T, T)``, a token sees the
-   earlier tokens of its own example; a sliding window, when the caller asks for one, is kept).
+   *What*: (a) the module-level name ``create_attention_mask`` inside the
+   ``mlx_lm.models.<architecture>`` modules behind ``model``'s layers is rebound to a function
+   that returns the block-diagonal causal mask of a packed batch (:func:`segment_mask`: boolean,
+   ``(B, 1, T, T)``, a token sees the earlier tokens of its own example; a sliding window, when
+   the caller asks for one, is kept); (b) the ``__call__`` of the rotary embedding classes the
+   model uses (``mlx.nn.RoPE`` and mlx-lm's ``SuScaledRoPE``, ``Llama3RoPE``, ``YarnRoPE``,
+   ``ProportionalRoPE``) is replaced by a wrapper that, for an input spanning the packed rows,
+   rotates every token by its position within its own example (:func:`segment_positions`;
+   ``mx.fast.rope`` with one offset per token), so positions restart at 0 for every example.
    *Why*: each model's inner module builds its mask with that function (imported by name from
-   ``mlx_lm.models.base``) and hands it to every attention layer; models take no mask argument.
-   Entered inside ``compute_loss``, so it is active while ``mx.compile`` traces the forward pass:
-   the mask is a traced function of the batch's ``segment_ids``, and a new batch of the same
-   shape does not retrace.
-   *Which models*: the same modules as patch 1, for the duration of one forward pass; an
-   architecture whose forward pass never calls the function, or in which an example still sees
-   another example or depends on where in the row it starts (absolute position embeddings,
-   recurrent layers), is refused by :func:`check_packing_supported`.
-   *Undone*: on leaving the ``with`` block every rebound name gets its value from entry back.
+   ``mlx_lm.models.base``) and hands it to every attention layer, and its attention calls
+   ``self.rope(x)`` with offset 0 when there is no cache; models take neither a mask nor
+   positions. Entered inside ``compute_loss``, so it is active while ``mx.compile`` traces the
+   forward pass: mask and positions are traced functions of the batch's ``segment_ids``, and a
+   new batch of the same shape does not retrace. Restarting positions changes no mathematics
+   (rotary attention depends on the distance between two tokens only) but keeps the rotation
+   angles, rounded in float32, exactly those of the example alone (at position 3000 they
+   moved a gemma3's logits by ~6e-4 otherwise).
+   *Which models*: the architecture modules of patch 1 and the rotary classes used by ``model``,
+   for the duration of one forward pass; other rotary classes (or calls with an offset) are left
+   alone, which is still exact up to float rounding. An architecture whose forward pass never
+   asks for a mask, or in which an example still sees another example or depends on where in
+   the row it starts (absolute position embeddings, recurrent layers), is refused by
+   :func:`check_packing_supported`.
+   *Undone*: on leaving the ``with`` block every rebound name and ``__call__`` gets its value from
+   entry back.
 """
 
 from __future__ import annotations
@@ -207,6 +219,40 @@ def segment_mask(segment_ids: mx.array, window_size: int | None = None) -> mx.ar
     return (same & allowed)[:, None]
 
 
+def segment_positions(segment_ids: mx.array) -> mx.array:
+    """``(B, T)`` position of every token within its own segment (0 at each segment's first token)."""
+    pos = mx.arange(segment_ids.shape[1])
+    starts = mx.concatenate([mx.ones((segment_ids.shape[0], 1), dtype=mx.bool_),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return pos - mx.cummax(mx.where(starts, pos, 0), axis=1)
+
+
+def _rope_classes() -> tuple:
+    """Rotary embedding classes whose ``__call__(x, offset, ...)`` hands ``offset`` to ``mx.fast.rope``
+    unchanged (so one offset per token works)."""
+    import mlx.nn as nn
+    from mlx_lm.models import rope_utils
+
+    names = ("SuScaledRoPE", "Llama3RoPE", "YarnRoPE", "ProportionalRoPE")
+    return (nn.RoPE, *(getattr(rope_utils, n) for n in names if hasattr(rope_utils, n)))
+
+
+def _per_token_rope(original, positions: mx.array):
+    """A rotary ``__call__`` that rotates an input spanning the packed rows (``(B, ..., T, D)``,
+    offset 0) token by token, by ``positions``; any other call goes to ``original``."""
+    B, T = positions.shape
+    flat = positions.reshape(-1)
+
+    def call(self, x, offset=0, *args, **kwargs):
+        if not (isinstance(offset, int) and offset == 0 and x.ndim >= 3 and x.shape[0] == B and x.shape[-2] == T):
+            return original(self, x, offset, *args, **kwargs)
+        tokens = mx.moveaxis(x, -2, 1)  # (B, T, ..., D): one "sequence" of length 1 per token
+        out = original(self, tokens.reshape(B * T, -1, 1, x.shape[-1]), flat, *args, **kwargs)
+        return mx.moveaxis(out.reshape(tokens.shape), 1, -2)
+
+    return call
+
+
 @contextlib.contextmanager
 def packed_attention(model, segment_ids: mx.array | None):
     """Patch 3 (see the module docstring): inside the block ``model``'s forward pass attends within
@@ -229,11 +275,18 @@ def packed_attention(model, segment_ids: mx.array | None):
     if not saved:
         raise PackingUnsupported(f"packing: {type(model).__module__} builds no attention mask that packing can "
                                  "replace; set packing: false")
+    ropes = sorted({type(m) for m in model.modules()} & set(_rope_classes()), key=lambda c: c.__qualname__)
+    calls = [(cls, cls.__call__) for cls in ropes]
+    positions = segment_positions(segment_ids)
     for mod, _ in saved:
         mod.create_attention_mask = create_attention_mask
+    for cls, original in calls:
+        cls.__call__ = _per_token_rope(original, positions)
     try:
         yield
     finally:
+        for cls, original in reversed(calls):
+            cls.__call__ = original
         for mod, fn in reversed(saved):
             mod.create_attention_mask = fn
     if not masks:
@@ -245,8 +298,8 @@ def check_packing_supported(model, tolerance: float = 1e-3) -> None:
     """Refuse (:class:`PackingUnsupported`) a model on which packed rows would not train like
     separate examples. A short probe: the logits of one example must not change when another
     example precedes it in the row (caught: recurrent or convolutional layers, masks built
-    elsewhere), nor differ from the example alone at position 0 (caught: absolute position
-    embeddings). Chunked attention (``attention_chunk_size``) is refused by name."""
+    elsewhere), nor differ from the example alone (caught: absolute position embeddings).
+    Chunked attention (``attention_chunk_size``) is refused by name."""
     name = type(model).__module__
     if any(getattr(m, "attention_chunk_size", None) or getattr(getattr(m, "args", None), "attention_chunk_size", None)
            for m in model.modules()):
