@@ -67,8 +67,7 @@ def cmd_train(args) -> int:
         trainer = trainer_cls(model=model, tokenizer=tok, config=config,
                               callbacks=[*callbacks, run_files_callback(output, run, config)],
                               reference_model=load_model(reference)[0] if reference else None, **extras)
-        train_ds, eval_ds = (_dataset(trainer, path_value(run, key), run.get("system_prompt"))
-                             for key in ("data", "eval_data"))
+        train_ds, eval_ds = (_dataset(trainer, path, run.get("system_prompt")) for path in _data_paths(run))
         result = trainer.train(train_ds, eval_dataset=eval_ds, resume_from=path_value(run, "resume"),
                                allow_data_change=args.allow_data_change)
         if main_process:
@@ -81,16 +80,31 @@ def cmd_train(args) -> int:
     return exit_code(paradigm, run, result, main_process)
 
 
+def _data_paths(run: dict) -> tuple[str, str | None]:
+    """The training and eval data: ``data`` may be an mlx-lm folder (train.jsonl, valid.jsonl,
+    test.jsonl): training reads its train split and, without ``eval_data``, evaluates on valid."""
+    from lazarus.data.sources import data_splits
+
+    data, eval_data = path_value(run, "data"), path_value(run, "eval_data")
+    if eval_data is None and data is not None and Path(data).is_dir():
+        valid = data_splits(data).get("valid")
+        eval_data = str(valid) if valid is not None else None
+    return data, eval_data
+
+
 def _dataset(trainer, path: str | None, system_prompt: str | None):
-    """The trainer's dataset of ``path`` (capped at ``max_length``, else the model's context). A
-    system prompt goes to the trainer's ``dataset_class`` directly: ``as_dataset`` takes no
-    dataset options."""
+    """The trainer's dataset of ``path`` (a file or an mlx-lm folder; capped at ``max_length``, else
+    the model's context). A system prompt goes to the trainer's ``dataset_class`` directly:
+    ``as_dataset`` takes no dataset options."""
     if path is None:
         return None
     if system_prompt is None:
         return trainer.as_dataset(path)
+    from lazarus.data.formats import format_options
+
     return trainer.as_dataset(trainer.dataset_class(path, trainer.tokenizer, max_length=trainer.max_length(),
-                                                    system_prompt=system_prompt))
+                                                    system_prompt=system_prompt,
+                                                    **format_options(trainer.config, trainer.dataset_class)))
 
 
 # =============================================================================== other commands

@@ -1,7 +1,10 @@
-"""Strict JSONL datasets, tokenized once at construction.
+"""Datasets, validated and tokenized once at construction.
 
-Every problem with the input is a :class:`DataError` naming the file, the 1-based line and
-the field, raised before training starts (the whole file is validated up front).
+Data comes from any source :mod:`lazarus.data.sources` reads (JSONL, a JSON array, parquet, an
+mlx-lm folder, a list of dicts, a ``datasets.Dataset``) in any format of
+:mod:`lazarus.data.formats` (auto-detected, or ``format=``). Every problem with the input is a
+:class:`DataError` naming the file and 1-based line (or the row of in-memory data) and the field,
+raised before training starts (all the data is validated up front).
 """
 
 from __future__ import annotations
@@ -9,84 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from lazarus.data.chat import has_chat_template, prompt_ids, reply_ids, stop_ids
+from lazarus.data.chat import conversation_ids, has_chat_template, prompt_ids, reply_ids, stop_ids
+from lazarus.data.formats import (PREFERENCE_FORMATS, PROMPT_FORMATS, SFT_FORMATS, RowFormat, conversation_value,
+                                  implicit_prompt, reply_value, text_value, turns_value)
+from lazarus.data.sources import (SUPPORTED_SUFFIXES, DataError, collect_errors, load_records,  # noqa: F401
+                                  read_jsonl)
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".ndjson")
 #: A text longer than ``max_length * CHARS_PER_TOKEN_BOUND`` characters is cut to that many before
 #: tokenizing: it cannot fit anyway, and tokenizing a multi-megabyte line would take seconds.
 CHARS_PER_TOKEN_BOUND = 64
-
-
-class DataError(ValueError):
-    """Bad training data. ``file``, ``line`` (1-based, or None) and ``field`` say where."""
-
-    def __init__(self, file, line: int | None, field: str | None, problem: str, more: int = 0):
-        self.file, self.line, self.field, self.problem = str(file), line, field, problem
-        where = self.file + (f":{line}" if line is not None else "")
-        what = f" field '{field}':" if field else ""
-        extra = f" (and {more} more bad line{'s' if more != 1 else ''})" if more else ""
-        super().__init__(f"{where}:{what} {problem}{extra}")
-
-
-def read_jsonl(path) -> list[tuple[int, dict]]:
-    """Parse a JSONL file into ``(line_number, record)`` pairs; blank lines are skipped."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(path, None, None, "file not found")
-    if path.is_dir():
-        raise DataError(path, None, None, "is a directory, expected a .jsonl file")
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise DataError(path, None, None, f"unsupported file type '{path.suffix}'; expected JSON Lines (.jsonl)")
-    records, errors = [], []
-    raw = path.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
-        raw = raw[3:]
-    # Split on newline bytes only: JSON strings may hold U+2028 and friends, which str.splitlines
-    # would treat as line breaks.
-    for n, data in enumerate(raw.split(b"\n"), start=1):
-        try:
-            line = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            errors.append(DataError(path, n, None, f"not UTF-8 text (byte 0x{data[e.start]:02x} at byte "
-                                                   f"{e.start + 1} of the line)"))
-            continue
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(DataError(path, n, None, f"malformed JSON ({e.msg} at column {e.colno})"))
-            continue
-        except RecursionError:
-            errors.append(DataError(path, n, None, "malformed JSON (nested too deeply)"))
-            continue
-        if not isinstance(rec, dict):
-            errors.append(DataError(path, n, None, f"expected a JSON object, got {type(rec).__name__}"))
-            continue
-        records.append((n, rec))
-    if errors:
-        first = errors[0]
-        raise DataError(first.file, first.line, first.field, first.problem, more=len(errors) - 1)
-    if not records:
-        raise DataError(path, None, None, "file is empty (no records)")
-    return records
-
-
-def _require_str(path, n, rec, field) -> str:
-    if field not in rec:
-        raise DataError(path, n, field, "missing")
-    v = rec[field]
-    if not isinstance(v, str):
-        raise DataError(path, n, field, f"must be a string, got {type(v).__name__}")
-    if not v.strip():
-        raise DataError(path, n, field, "is empty")
-    return v
+_require_str = text_value  # the name unpaired.py imports
 
 
 def _validate_all(path, records, fn):
@@ -97,9 +36,7 @@ def _validate_all(path, records, fn):
             out.append(fn(n, rec))
         except DataError as e:
             errors.append(e)
-    if errors:
-        e = errors[0]
-        raise DataError(e.file, e.line, e.field, e.problem, more=len(errors) - 1)
+    collect_errors(errors)
     return out
 
 
@@ -124,6 +61,21 @@ class _Tokenizing:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else self.eos_id
 
+    def _build(self, data, truncation: str, noun: str) -> None:
+        """Read ``data`` (any source), encode every record (``_encode_record``), apply ``truncation``."""
+        if truncation not in ("truncate", "drop"):
+            raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+        self.truncation = truncation
+        self.num_truncated = 0
+        self.num_dropped = 0
+        self.path, records = load_records(data)
+        self.examples = [e for e in _validate_all(self.path, records, self._encode_record) if e is not None]
+        if self.num_truncated or self.num_dropped:
+            warnings.warn(f"{self.path}: {self.num_truncated} {noun} truncated and {self.num_dropped} dropped "
+                          f"to max_length={self.max_length}", stacklevel=3)
+        if not self.examples:
+            raise DataError(self.path, None, None, f"no usable {noun} after applying max_length")
+
     def _cut(self, text: str) -> str:
         """``text`` cut to what can possibly fit in ``max_length`` tokens (see CHARS_PER_TOKEN_BOUND)."""
         limit = self.max_length * CHARS_PER_TOKEN_BOUND if self.max_length else None
@@ -132,8 +84,8 @@ class _Tokenizing:
     def _messages(self, prompt: str | list[dict]) -> list[dict]:
         """The prompt as chat messages (texts cut, the system prompt first); sets ``_prompt_cut``."""
         if isinstance(prompt, list):  # chat messages
-            msgs = [dict(m, content=self._cut(m["content"])) for m in prompt]
-            self._prompt_cut = any(m["content"] != c["content"] for m, c in zip(prompt, msgs))
+            msgs = self._cut_all(prompt)
+            self._prompt_cut = any(m.get("content") != c.get("content") for m, c in zip(prompt, msgs))
         else:
             msgs = [{"role": "user", "content": self._cut(prompt)}]
             self._prompt_cut = len(msgs[0]["content"]) < len(prompt)
@@ -141,30 +93,52 @@ class _Tokenizing:
             msgs = [{"role": "system", "content": self.system_prompt}] + msgs
         return msgs
 
-    def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
-        return prompt_ids(self.tokenizer, self._messages(prompt), self.use_chat_template)
+    def _cut_all(self, msgs: list[dict]) -> list[dict]:
+        """Messages with their texts cut (an assistant turn calling tools may have no text)."""
+        return [dict(m, content=self._cut(m["content"])) if isinstance(m.get("content"), str) else m for m in msgs]
 
-    def encode_response(self, response: str, prompt: str | list[dict] = "") -> list[int]:
+    def encode_prompt(self, prompt: str | list[dict], tools: list | None = None) -> list[int]:
+        return prompt_ids(self.tokenizer, self._messages(prompt), self.use_chat_template, tools)
+
+    def encode_response(self, response: str, prompt: str | list[dict] = "", tools: list | None = None) -> list[int]:
         """The reply to ``prompt``: through the template's assistant turn, ending with one end token
         (see :func:`lazarus.data.chat.reply_ids`). A response cut before tokenizing gets no end
         token: it did not end there."""
         cut = self._cut(response)
         msgs = self._messages(prompt) if self.use_chat_template else []
-        return reply_ids(self.tokenizer, msgs, cut, self.use_chat_template, ended=len(cut) == len(response))
+        return reply_ids(self.tokenizer, msgs, cut, self.use_chat_template, ended=len(cut) == len(response),
+                         tools=tools)
+
+    def encode_pair(self, n, field: str, prompt, reply) -> tuple[list[int], list[int]]:
+        """``(prompt ids, reply ids)``: a text reply, or reply messages (a lone assistant message is
+        its text; several messages: every token the template renders after the prompt)."""
+        if isinstance(reply, list) and len(reply) == 1 and set(reply[0]) <= {"role", "content"}:
+            reply = reply[0]["content"]
+        if isinstance(reply, str):
+            return self.encode_prompt(prompt), self.encode_response(reply, prompt)
+        msgs = self._messages(prompt)
+        first = sum(m["role"] == "assistant" for m in msgs)  # the index of the reply's first turn in the spans
+        got = conversation_ids(self.tokenizer, msgs + self._cut_all(reply)) if self.use_chat_template else None
+        if got is None:
+            why = "the chat template does not render it prefix by prefix" if self.use_chat_template else \
+                "there is no chat template"
+            raise DataError(self.path, n, field, f"a reply of several messages cannot be tokenized: {why}")
+        ids, spans = got
+        return ids[: spans[first][0]], ids[spans[first][0]:]
 
     def _ended(self, ids: list[int]) -> bool:
         return bool(ids) and ids[-1] in self.end_ids
 
     def fingerprint(self) -> str:
-        """SHA-256 of the tokenized examples (line numbers aside): resuming on other data of the
-        same size is detected with it. Computed once."""
+        """SHA-256 of the tokenized examples (line numbers aside, and optional fields that are unset):
+        resuming on other data of the same size is detected with it. Computed once."""
         if getattr(self, "_fingerprint", None) is None:
             h = hashlib.sha256()
             for e in self.examples:
                 for f in fields(e):
-                    if f.name == "line":
-                        continue
                     v = getattr(e, f.name)
+                    if f.name == "line" or (v is None and f.kw_only):
+                        continue
                     if isinstance(v, list) and (not v or isinstance(v[0], int)):
                         h.update(b"L%d:" % len(v) + np.asarray(v, dtype=np.int64).tobytes())
                     else:
@@ -203,13 +177,23 @@ class _Tokenizing:
 class SFTExample:
     ids: list[int]
     prompt_len: int
-    line: int | None = None  # 1-based line in the source file, for messages
+    line: int | None = None  # the record's key: 1-based line in a JSONL file, else its 0-based row
+    #: ``(start, end)`` token ranges trained when there are several (multi-turn); None: all after the prompt
+    spans: list[tuple[int, int]] | None = field(default=None, kw_only=True)
 
 
 class SFTDataset(_Tokenizing):
-    """Supervised pairs: ``{"prompt", "response"}`` or ``{"messages": [...]}`` per line.
+    """Supervised examples; one record is one of (auto-detected, or ``format=``; see
+    :mod:`lazarus.data.formats`):
 
-    Prompts go through the tokenizer's chat template when it has one
+    * ``{"prompt", "response"}`` or ``{"prompt", "completion"}``: the prompt (text or chat messages)
+      masked, the reply (text, or messages starting with an assistant turn) trained;
+    * ``{"messages": [...]}`` (optional ``tools``): every assistant turn trained, the system, user
+      and tool turns masked (``assistant_only=False``: every token trained);
+    * ``{"text"}``: every token trained (EOS appended).
+
+    ``data`` is a path (``.jsonl``, ``.json``, ``.parquet``, an mlx-lm folder), a list of dicts or a
+    ``datasets.Dataset``. Prompts go through the tokenizer's chat template when it has one
     (``use_chat_template=False`` turns this off); each response is the template's assistant turn
     and ends with one end token (the template's end of turn, or EOS). Examples
     longer than ``max_length`` are truncated (``truncation="truncate"``, counted and warned)
@@ -218,48 +202,58 @@ class SFTDataset(_Tokenizing):
     input line can make a batch too long for the model (see :meth:`limit_length`).
     """
 
-    def __init__(self, path, tokenizer, *, max_length: int | None = None, mask_prompt: bool = True,
+    def __init__(self, data, tokenizer, *, max_length: int | None = None, mask_prompt: bool = True,
                  use_chat_template: bool | None = None, system_prompt: str | None = None,
-                 truncation: str = "truncate"):
+                 truncation: str = "truncate", format: str | None = None, assistant_only: bool = True):
         super().__init__(tokenizer, max_length, use_chat_template, system_prompt)
-        if truncation not in ("truncate", "drop"):
-            raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
-        self.path = Path(path)
         self.mask_prompt = mask_prompt
-        self.truncation = truncation
-        self.num_truncated = 0
-        self.num_dropped = 0
-        records = read_jsonl(self.path)
-        examples = _validate_all(self.path, records, self._encode_record)
-        self.examples: list[SFTExample] = [e for e in examples if e is not None]
-        if self.num_truncated or self.num_dropped:
-            warnings.warn(f"{self.path}: {self.num_truncated} examples truncated and {self.num_dropped} dropped "
-                          f"to max_length={max_length}", stacklevel=2)
-        if not self.examples:
-            raise DataError(self.path, None, None, "no usable examples after applying max_length")
+        self.assistant_only = assistant_only
+        self.row_format = RowFormat(SFT_FORMATS, format, "SFT")
+        self.last_turn_only: list = []  # keys of conversations trained on their last assistant turn only
+        self._build(data, truncation, "examples")
+        if self.last_turn_only:
+            why = ("the chat template does not render them prefix by prefix (the rendering up to an assistant "
+                   "turn does not start with the rendering before it)") if self.use_chat_template else \
+                "there is no chat template"
+            warnings.warn(f"{self.path}: {len(self.last_turn_only)} conversations with several assistant turns "
+                          f"train only their last one: {why}; first: {self.path.where(self.last_turn_only[0])}",
+                          stacklevel=2)
 
     def _encode_record(self, n, rec) -> SFTExample | None:
-        if "messages" in rec:
-            msgs = rec["messages"]
-            if not isinstance(msgs, list) or not msgs:
-                raise DataError(self.path, n, "messages", "must be a non-empty list of {role, content}")
-            for i, m in enumerate(msgs):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise DataError(self.path, n, f"messages[{i}]", "must be an object with string 'role' and 'content'")
-            if msgs[-1]["role"] != "assistant":
-                raise DataError(self.path, n, "messages", "the last message must have role 'assistant'")
-            if not msgs[-1]["content"].strip():
-                raise DataError(self.path, n, f"messages[{len(msgs) - 1}].content", "is empty")
-            prompt: Any = msgs[:-1]
-            response = msgs[-1]["content"]
-            prompt_field = "messages"
-        else:
-            prompt = _require_str(self.path, n, rec, "prompt")
-            response = _require_str(self.path, n, rec, "response")
-            prompt_field = "prompt"
-        return self._fit(n, prompt_field, self.encode_prompt(prompt), self.encode_response(response, prompt))
+        fmt = self.row_format.of(self.path, n, rec)
+        if fmt == "text":
+            text = text_value(self.path, n, rec, "text")
+            cut = self._cut(text)
+            ids = list(self.tokenizer.encode(cut, add_special_tokens=True))
+            if len(cut) == len(text) and (not ids or ids[-1] != self.eos_id):
+                ids.append(self.eos_id)
+            return self._fit(n, "text", ids[:1], ids[1:])
+        if fmt == "messages":
+            msgs, tools = conversation_value(self.path, n, rec)
+            ids, prompt_len, spans = self._conversation(n, msgs, tools)
+            if not self.assistant_only:
+                prompt_len, spans = 1, None
+            return self._fit(n, "messages", ids[:prompt_len], ids[prompt_len:], spans)
+        prompt = turns_value(self.path, n, rec, "prompt")
+        reply = "response" if fmt == "prompt_response" else "completion"
+        p, r = self.encode_pair(n, reply, prompt, reply_value(self.path, n, rec, reply, prompt))
+        return self._fit(n, "prompt", p, r)
 
-    def _fit(self, n, field, p, r) -> SFTExample | None:
+    def _conversation(self, n, msgs: list[dict], tools) -> tuple[list[int], int, list | None]:
+        """``(ids, prompt_len, spans)`` of a conversation: several assistant turns (or tools) through
+        :func:`~lazarus.data.chat.conversation_ids`, else (or when that fails) its last turn only."""
+        turns = sum(m["role"] == "assistant" for m in msgs)
+        if self.use_chat_template and (turns > 1 or tools):
+            got = conversation_ids(self.tokenizer, self._messages(msgs), tools)
+            if got is not None:
+                ids, spans = got
+                return ids, spans[0][0], (spans if len(spans) > 1 else None)
+        if turns > 1:
+            self.last_turn_only.append(n)
+        p = self.encode_prompt(msgs[:-1], tools)
+        return p + self.encode_response(msgs[-1].get("content") or "", msgs[:-1], tools), len(p), None
+
+    def _fit(self, n, field, p, r, spans=None) -> SFTExample | None:
         if self.max_length is not None:
             if len(p) >= self.max_length:
                 raise self._too_long(n, field, len(p))
@@ -269,16 +263,28 @@ class SFTDataset(_Tokenizing):
                     return None
                 self.num_truncated += 1
                 r = r[: self.max_length - len(p)]
-        return SFTExample(p + r, len(p), n)
+                end = len(p) + len(r)
+                spans = [(s, min(e, end)) for s, e in spans if s < end] if spans else spans
+        return SFTExample(p + r, len(p), n, spans=spans)
 
     def _refit(self, n, e: SFTExample) -> SFTExample | None:
-        return self._fit(n, None, e.ids[: e.prompt_len], e.ids[e.prompt_len:])
+        return self._fit(n, None, e.ids[: e.prompt_len], e.ids[e.prompt_len:], e.spans)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def lengths(self) -> np.ndarray:
         return np.array([len(e.ids) for e in self.examples])
+
+    def target_ranges(self, e: SFTExample) -> list[tuple[int, int]]:
+        """The ``[start, end)`` target positions of ``e`` in the loss (target ``t`` is ``e.ids[t + 1]``):
+        the reply (every assistant turn of a conversation), or all of them with ``mask_prompt=False``."""
+        n = len(e.ids) - 1
+        if not self.mask_prompt:
+            return [(0, n)]
+        if e.spans is None:
+            return [(e.prompt_len - 1, n)]
+        return [(s - 1, t - 1) for s, t in e.spans]
 
     def collate(self, indices, pad_multiple: int = 8) -> dict:
         """Next-token batch: ``inputs``/``targets`` shifted by one, ``mask`` true on response
@@ -295,8 +301,8 @@ class SFTDataset(_Tokenizing):
             n = len(r.ids) - 1
             inputs[b, :n] = r.ids[:-1]
             targets[b, :n] = r.ids[1:]
-            start = r.prompt_len - 1 if self.mask_prompt else 0
-            mask[b, start:n] = 1.0
+            for start, end in self.target_ranges(r):
+                mask[b, start:end] = 1.0
         ntok = int(mask.sum())
         return {"inputs": mx.array(inputs), "targets": mx.array(targets), "mask": mx.array(mask),
                 "loss_weight": mx.array(float(ntok)), "num_tokens": ntok, "indices": list(indices)}
@@ -311,31 +317,30 @@ class PreferenceExample:
 
 
 class PreferenceDataset(_Tokenizing):
-    """Preference pairs ``{"prompt", "chosen", "rejected"}`` per line (DPO)."""
+    """Preference pairs (DPO): ``{"prompt", "chosen", "rejected"}`` (texts or chat messages), or
+    TRL's implicit prompt, ``{"chosen", "rejected"}`` as whole conversations (or texts) whose shared
+    start is the prompt. ``data`` and the options are as for :class:`SFTDataset`."""
 
-    def __init__(self, path, tokenizer, *, max_length: int | None = None, use_chat_template: bool | None = None,
-                 system_prompt: str | None = None, truncation: str = "truncate"):
+    def __init__(self, data, tokenizer, *, max_length: int | None = None, use_chat_template: bool | None = None,
+                 system_prompt: str | None = None, truncation: str = "truncate", format: str | None = None):
         super().__init__(tokenizer, max_length, use_chat_template, system_prompt)
-        if truncation not in ("truncate", "drop"):
-            raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
-        self.path = Path(path)
-        self.truncation = truncation
-        self.num_truncated = 0
-        self.num_dropped = 0
-        records = read_jsonl(self.path)
-        self.examples = [e for e in _validate_all(self.path, records, self._encode_record) if e is not None]
-        if self.num_truncated or self.num_dropped:
-            warnings.warn(f"{self.path}: {self.num_truncated} pairs truncated and {self.num_dropped} dropped "
-                          f"to max_length={max_length}", stacklevel=2)
-        if not self.examples:
-            raise DataError(self.path, None, None, "no usable pairs after applying max_length")
+        self.row_format = RowFormat(PREFERENCE_FORMATS, format, "preference")
+        self._build(data, truncation, "pairs")
 
     def _encode_record(self, n, rec):
-        prompt = _require_str(self.path, n, rec, "prompt")
-        chosen = _require_str(self.path, n, rec, "chosen")
-        rejected = _require_str(self.path, n, rec, "rejected")
-        return self._fit(n, "prompt", self.encode_prompt(prompt), self.encode_response(chosen, prompt),
-                         self.encode_response(rejected, prompt))
+        if self.row_format.of(self.path, n, rec) == "preference":
+            prompt = turns_value(self.path, n, rec, "prompt")
+            chosen = reply_value(self.path, n, rec, "chosen", prompt)
+            rejected = reply_value(self.path, n, rec, "rejected", prompt)
+        else:
+            prompt, chosen, rejected = implicit_prompt(self.path, n, turns_value(self.path, n, rec, "chosen"),
+                                                       turns_value(self.path, n, rec, "rejected"))
+        p, c = self.encode_pair(n, "chosen", prompt, chosen)
+        p_rejected, r = self.encode_pair(n, "rejected", prompt, rejected)
+        if p_rejected != p:
+            raise DataError(self.path, n, "rejected", "renders another prompt than 'chosen' (give both replies "
+                                                      "the same way: texts, or one assistant message each)")
+        return self._fit(n, "prompt", p, c, r)
 
     def _fit(self, n, field, p, c, r) -> PreferenceExample | None:
         if self.max_length is not None:
@@ -386,27 +391,30 @@ class PreferenceDataset(_Tokenizing):
 
 @dataclass
 class PromptExample:
-    prompt: str
+    prompt: str | list[dict]
     ids: list[int]
     columns: dict
     line: int | None = None
 
 
 class PromptDataset(_Tokenizing):
-    """Prompts for online RL: ``{"prompt": ..., <any other columns>}`` per line. The other
-    columns (e.g. ``answer``) are passed to reward functions as keyword lists."""
+    """Prompts for online RL: ``{"prompt": ..., <any other columns>}`` per record, the prompt a text
+    or chat messages (TRL's prompt-only forms). The other columns (e.g. ``answer``) are passed to
+    reward functions as keyword lists; ``prompts`` holds each prompt as given. ``data`` is any
+    source :class:`SFTDataset` takes."""
 
-    def __init__(self, path, tokenizer, *, max_length: int | None = None, use_chat_template: bool | None = None,
-                 system_prompt: str | None = None):
+    def __init__(self, data, tokenizer, *, max_length: int | None = None, use_chat_template: bool | None = None,
+                 system_prompt: str | None = None, format: str | None = None):
         super().__init__(tokenizer, max_length, use_chat_template, system_prompt)
-        self.path = Path(path)
-        records = read_jsonl(self.path)
+        self.row_format = RowFormat(PROMPT_FORMATS, format, "prompt")
+        self.path, records = load_records(data)
         self.examples: list[PromptExample] = _validate_all(self.path, records, self._encode_record)
         cols = [set(e.columns) for e in self.examples]
         self.column_names = sorted(set.intersection(*cols)) if cols else []
 
     def _encode_record(self, n, rec):
-        prompt = _require_str(self.path, n, rec, "prompt")
+        self.row_format.of(self.path, n, rec)
+        prompt = turns_value(self.path, n, rec, "prompt")
         return self._refit(n, PromptExample(prompt, self.encode_prompt(prompt),
                                             {k: v for k, v in rec.items() if k != "prompt"}, n), "prompt")
 

@@ -171,10 +171,17 @@ class Trainer(DefaultHooks):
         return self.config.max_length or context_length(self.model)
 
     def as_dataset(self, data):
-        if isinstance(data, (str, os.PathLike)):
+        """``data`` as this trainer's dataset: a path (JSONL, JSON, parquet, an mlx-lm folder), a list of
+        dicts or a ``datasets.Dataset`` becomes ``dataset_class`` (with the config's ``max_length``
+        and data options, e.g. ``format``); a dataset object is used as it is."""
+        from lazarus.data.formats import format_options
+        from lazarus.data.sources import is_data_source
+
+        if is_data_source(data):
             if self.dataset_class is None:
                 raise TypeError(f"{type(self).__name__} needs a dataset object, not a path")
-            return self.dataset_class(data, self.tokenizer, max_length=self.max_length())
+            return self.dataset_class(data, self.tokenizer, max_length=self.max_length(),
+                                      **format_options(self.config, self.dataset_class))
         return data
 
     def _fit_to_context(self, dataset) -> None:

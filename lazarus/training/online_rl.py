@@ -193,7 +193,10 @@ class OnlineRLTrainer(Trainer):
     def as_dataset(self, data):
         if data is None or hasattr(data, "collate"):
             return data
-        return PromptDataset(data, self.tokenizer, max_length=self.max_length())
+        from lazarus.data.formats import format_options
+
+        return PromptDataset(data, self.tokenizer, max_length=self.max_length(),
+                             **format_options(self.config, PromptDataset))
 
     def make_loader(self, dataset, split: str = "train") -> DataLoader:
         c = self.config

@@ -42,7 +42,10 @@ class SFTTrainer(Trainer):
             return data
         if data is None or hasattr(data, "collate"):
             return data
-        return SFTDataset(data, self.tokenizer, **dict(self.config.dataset_kwargs(), max_length=self.max_length()))
+        from lazarus.data.formats import format_options
+
+        return SFTDataset(data, self.tokenizer, **dict(self.config.dataset_kwargs(), max_length=self.max_length(),
+                                                       **format_options(self.config, SFTDataset)))
 
     def make_loader(self, dataset, split: str = "train"):
         if not self.config.packing:
