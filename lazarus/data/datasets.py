@@ -126,6 +126,11 @@ class _Tokenizing:
         ids, spans = got
         return ids[: spans[first][0]], ids[spans[first][0]:]
 
+    @property
+    def format(self) -> str | None:
+        """The rows' format (:mod:`lazarus.data.formats`): the one given, else the one detected."""
+        return self.row_format.name
+
     def _ended(self, ids: list[int]) -> bool:
         return bool(ids) and ids[-1] in self.end_ids
 

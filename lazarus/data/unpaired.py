@@ -1,7 +1,9 @@
-"""Unpaired feedback for KTO: ``{"prompt", "completion", "label": true|false}`` per line (TRL's format).
+"""Unpaired feedback for KTO: ``{"prompt", "completion", "label": true|false}`` per record (TRL's format),
+from any source :class:`SFTDataset` reads (JSONL, a JSON array, parquet, an mlx-lm folder, a list of
+dicts, a ``datasets.Dataset``).
 
 ``label: true`` marks a desirable completion, ``false`` an undesirable one; no pairing is needed.
-Tokenization, truncation and the ``file:line: field`` errors are :class:`SFTDataset`'s (the
+Tokenization, truncation and the ``file:line: field`` (or ``row``) errors are :class:`SFTDataset`'s (the
 completion is the response). A collated batch also carries KTO's mismatched rows for the KL
 estimate: each prompt followed by another example's completion.
 """
@@ -36,7 +38,7 @@ def next_token_rows(seqs: list[tuple[list[int], int]], pad_id: int, pad_multiple
 
 
 class UnpairedDataset(SFTDataset):
-    """Desirable and undesirable completions, ``{"prompt", "completion", "label"}`` per line (KTO).
+    """Desirable and undesirable completions, ``{"prompt", "completion", "label"}`` per record (KTO).
 
     Same options and rules as :class:`SFTDataset` (chat template, ``max_length``, ``truncation``).
     ``collate(indices)`` returns the examples' rows, then one KL row per example: its prompt with
