@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -297,34 +296,29 @@ FakeDatasetDict.__module__ = "datasets.dataset_dict"
 
 def sources(tmp_path, rows):
     """The same rows from every source."""
-    tmp_path.mkdir(exist_ok=True)
-    pretty = tmp_path / "pretty.json"
-    pretty.write_text(json.dumps(rows, indent=2))
-    compact = tmp_path / "compact.json"
-    compact.write_text(json.dumps(rows))
-    lines_json = tmp_path / "lines.json"
-    lines_json.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    folder = tmp_path / "mlx"
-    folder.mkdir()
-    write_jsonl(folder / "train.jsonl", rows)
-    return {"jsonl": write_jsonl(tmp_path / "d.jsonl", rows), "pretty json": pretty, "compact json": compact,
-            "json lines": lines_json, "folder": folder, "str path": str(tmp_path / "d.jsonl"), "list": rows,
-            "tuple": tuple(rows), "datasets.Dataset": FakeDataset(rows),
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    files = {"d.jsonl": lines, "pretty.json": json.dumps(rows, indent=2), "compact.json": json.dumps(rows),
+             "lines.json": lines, "mlx/train.jsonl": lines}
+    (tmp_path / "mlx").mkdir()
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return {**{name: tmp_path / name for name in files}, "folder": tmp_path / "mlx", "str": str(tmp_path / "d.jsonl"),
+            "list": rows, "tuple": tuple(rows), "datasets.Dataset": FakeDataset(rows),
             "DatasetDict": FakeDatasetDict(train=FakeDataset(rows))}
 
 
 def test_every_source_gives_the_same_examples_and_trains(tiny, tmp_path):
     _, tok = tiny
     want = SFTDataset(ROWS, tok).fingerprint()
-    for name, src in sources(tmp_path, ROWS).items():
-        assert SFTDataset(src, tok).fingerprint() == want, name
+    src = sources(tmp_path, ROWS)
+    for name, data in src.items():
+        assert SFTDataset(data, tok).fingerprint() == want, name
     pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "no"} for r in ROWS]
     assert PreferenceDataset(FakeDataset(pairs), tok).fingerprint() == PreferenceDataset(pairs, tok).fingerprint()
     kto = [{"prompt": r["prompt"], "completion": r["response"], "label": i % 2 == 0} for i, r in enumerate(ROWS)]
     assert len(UnpairedDataset(FakeDataset(kto), tok)) == 4
-    src = sources(tmp_path / "train", ROWS)
-    for name in ("folder", "pretty json", "datasets.Dataset"):
-        result = SFTTrainer(*tiny, short(tmp_path=tmp_path / name.replace(" ", "_"))).train(src[name])
+    for name in ("folder", "pretty.json", "datasets.Dataset"):
+        result = SFTTrainer(*tiny, short(tmp_path=tmp_path / f"run_{name}")).train(src[name])
         assert result.stop_reason == "max_steps reached (2)", name
 
 
@@ -372,67 +366,63 @@ def test_cli_data_folder_trains_on_train_and_evaluates_on_valid(tiny_dir, tmp_pa
 
 
 # ================================================================== one-line errors
-def bad_sources(tmp_path):
-    """name -> (source, dataset class, expected parts of the one-line error)."""
-    pretty = tmp_path / "pretty.json"
-    pretty.write_text(json.dumps(ROWS[:2], indent=2)[:-2] + ",\n  {\"prompt\": \"a\",, }\n]")
-    missing = tmp_path / "missing.json"
-    missing.write_text(json.dumps([ROWS[0], {"prompt": "a"}], indent=2))
-    obj = tmp_path / "obj.json"
-    obj.write_text(json.dumps({"train": ROWS}, indent=2))
-    (tmp_path / "empty_folder").mkdir()
-    accepted = "accepted: {messages} | {prompt, response} | {prompt, completion} | {text}"
-    return {
-        "unrecognised row": (write_jsonl(tmp_path / "u.jsonl", [{"question": "q", "answer": "a"}]), SFTDataset,
-                             ["u.jsonl:1: unrecognised SFT row: fields found: question, answer", accepted]),
-        "unrecognised in memory": ([{"input": "q"}], SFTDataset, ["list row 0: unrecognised SFT row: fields found: "
-                                                                  "input", accepted]),
-        "missing later field": (write_jsonl(tmp_path / "m.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}]),
-                                SFTDataset, ["m.jsonl:2: field 'completion': missing (format prompt_completion, "
-                                             "detected from the first row: fields prompt, completion; this row has: "
-                                             "prompt)"]),
-        "row index in memory": ([ROWS[0], {"prompt": 3, "response": "x"}, {"prompt": "a"}], SFTDataset,
-                                ["list row 1: field 'prompt': must be a string, got int", "(and 1 more bad row)"]),
-        "not a dict": ([ROWS[0], "text"], SFTDataset, ["list row 1: expected a dict (one record), got str"]),
-        "empty list": ([], SFTDataset, ["list: is empty (no records)"]),
-        "json array syntax": (pretty, SFTDataset, ["pretty.json:10 (row 2): malformed JSON"]),
-        "json array field": (missing, SFTDataset, ["missing.json:6 (row 1): field 'response': missing"]),
-        "json object": (obj, SFTDataset, ["obj.json: holds one JSON object; expected an array of rows"]),
-        "folder without train": (tmp_path / "empty_folder", SFTDataset,
-                                 ["empty_folder: is a folder without train.jsonl (mlx-lm's layout"]),
-        "datasetdict without train": (FakeDatasetDict(test=FakeDataset(ROWS)), SFTDataset,
-                                      ["datasets.FakeDatasetDict: has no 'train' split (has: test)"]),
-        "last turn not assistant": ([{"messages": CONVERSATION[:2]}], SFTDataset,
-                                    ["list row 0: field 'messages': the last message must have role 'assistant'"]),
-        "bad message": ([{"messages": [{"role": "user"}]}], SFTDataset,
-                        ["list row 0: field 'messages[0]': must be an object with string 'role' and 'content'"]),
-        "completion not a reply": ([{"prompt": "a", "completion": [{"role": "user", "content": "b"}]}], SFTDataset,
-                                   ["list row 0: field 'completion[0]': must have role 'assistant'"]),
-        "preference unrecognised": ([{"prompt": "a", "chosen": "b"}], PreferenceDataset,
-                                    ["list row 0: unrecognised preference row: fields found: prompt, chosen; "
-                                     "accepted: {prompt, chosen, rejected} | {chosen, rejected}"]),
-        "implicit without shared prompt": ([{"chosen": [{"role": "user", "content": "a"}],
-                                             "rejected": [{"role": "user", "content": "b"}]}], PreferenceDataset,
-                                           ["list row 0: field 'chosen': shares no prompt with 'rejected'"]),
-        "implicit mixed kinds": ([{"chosen": "a b", "rejected": [{"role": "user", "content": "a"}]}],
-                                 PreferenceDataset, ["field 'rejected': must be of the same kind as 'chosen'"]),
-        "implicit identical": ([{"chosen": "a b", "rejected": "a b"}], PreferenceDataset,
-                               ["field 'rejected': must differ from 'chosen'"]),
-        "prompt unrecognised": ([{"question": "q", "answer": "a"}], PromptDataset,
-                                ["list row 0: unrecognised prompt row: fields found: question, answer; "
-                                 "accepted: {prompt}"]),
-    }
+#: files the malformed cases read (a source "@name" is tmp_path / name)
+BAD_FILES = {"u.jsonl": json.dumps({"question": "q", "answer": "a"}) + "\n",
+             "m.jsonl": json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "c"}) + "\n",
+             "pretty.json": json.dumps(ROWS[:2], indent=2)[:-2] + ',\n  {"prompt": "a",, }\n]',
+             "missing.json": json.dumps([ROWS[0], {"prompt": "a"}], indent=2),
+             "obj.json": json.dumps({"train": ROWS}, indent=2), "array.jsonl": json.dumps(ROWS, indent=2)}
+ACCEPTED = "accepted: {messages} | {prompt, response} | {prompt, completion} | {text}"
+#: name -> (source, dataset class, expected parts of the one-line error)
+BAD = {
+    "unrecognised row": ("@u.jsonl", SFTDataset, ["u.jsonl:1: unrecognised SFT row: fields found: question, answer",
+                                                  ACCEPTED]),
+    "unrecognised in memory": ([{"input": "q"}], SFTDataset, ["list row 0: unrecognised SFT row: fields found: input",
+                                                              ACCEPTED]),
+    "missing later field": ("@m.jsonl", SFTDataset, ["m.jsonl:2: field 'completion': missing (format prompt_completion, "
+                                                     "detected from the first row: fields prompt, completion; this "
+                                                     "row has: prompt)"]),
+    "row index in memory": ([ROWS[0], {"prompt": 3, "response": "x"}, {"prompt": "a"}], SFTDataset,
+                            ["list row 1: field 'prompt': must be a string, got int", "(and 1 more bad row)"]),
+    "not a dict": ([ROWS[0], "text"], SFTDataset, ["list row 1: expected a dict (one record), got str"]),
+    "empty list": ([], SFTDataset, ["list: is empty (no records)"]),
+    "json array syntax": ("@pretty.json", SFTDataset, ["pretty.json:10 (row 2): malformed JSON"]),
+    "json array field": ("@missing.json", SFTDataset, ["missing.json:6 (row 1): field 'response': missing"]),
+    "array in .jsonl": ("@array.jsonl", SFTDataset, ["array.jsonl:1: malformed JSON", "name it .json)",
+                                                     "more bad lines)"]),
+    "json object": ("@obj.json", SFTDataset, ["obj.json: holds one JSON object; expected an array of rows"]),
+    "folder without train": ("@", SFTDataset, [": is a folder without train.jsonl (mlx-lm's layout"]),
+    "datasetdict without train": (FakeDatasetDict(test=FakeDataset(ROWS)), SFTDataset,
+                                  ["datasets.FakeDatasetDict: has no 'train' split (has: test)"]),
+    "last turn not assistant": ([{"messages": CONVERSATION[:2]}], SFTDataset,
+                                ["list row 0: field 'messages': the last message must have role 'assistant'"]),
+    "bad message": ([{"messages": [{"role": "user"}]}], SFTDataset,
+                    ["list row 0: field 'messages[0]': must be an object with string 'role' and 'content'"]),
+    "completion not a reply": ([{"prompt": "a", "completion": [{"role": "user", "content": "b"}]}], SFTDataset,
+                               ["list row 0: field 'completion[0]': must have role 'assistant'"]),
+    "preference unrecognised": ([{"prompt": "a", "chosen": "b"}], PreferenceDataset,
+                                ["list row 0: unrecognised preference row: fields found: prompt, chosen; "
+                                 "accepted: {prompt, chosen, rejected} | {chosen, rejected}"]),
+    "implicit without shared prompt": ([{"chosen": [{"role": "user", "content": "a"}],
+                                         "rejected": [{"role": "user", "content": "b"}]}], PreferenceDataset,
+                                       ["list row 0: field 'chosen': shares no prompt with 'rejected'"]),
+    "implicit mixed kinds": ([{"chosen": "a b", "rejected": [{"role": "user", "content": "a"}]}], PreferenceDataset,
+                             ["field 'rejected': must be of the same kind as 'chosen'"]),
+    "implicit identical": ([{"chosen": "a b", "rejected": "a b"}], PreferenceDataset,
+                           ["field 'rejected': must differ from 'chosen'"]),
+    "prompt unrecognised": ([{"question": "q", "answer": "a"}], PromptDataset,
+                            ["list row 0: unrecognised prompt row: fields found: question, answer; accepted: {prompt}"]),
+}
 
 
-@pytest.mark.parametrize("case", [
-    "unrecognised row", "unrecognised in memory", "missing later field", "row index in memory", "not a dict",
-    "empty list", "json array syntax", "json array field", "json object", "folder without train",
-    "datasetdict without train", "last turn not assistant", "bad message", "completion not a reply",
-    "preference unrecognised", "implicit without shared prompt", "implicit mixed kinds", "implicit identical",
-    "prompt unrecognised"])
+@pytest.mark.parametrize("case", list(BAD))
 def test_malformed_data_is_one_line(case, tiny, tmp_path):
     _, tok = tiny
-    src, cls, parts = bad_sources(tmp_path)[case]
+    for name, text in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+    src, cls, parts = BAD[case]
+    if isinstance(src, str):
+        src = tmp_path / src[1:]
     with pytest.raises(DataError) as e:
         cls(src, tok)
     one_line(e, *parts)

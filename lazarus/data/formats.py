@@ -126,6 +126,10 @@ def reply_value(where, n, rec: dict, field: str, prompt) -> str | list[dict]:
 def check_reply(where, n, field: str, msgs: list[dict]) -> None:
     if msgs[0]["role"] != "assistant":
         raise DataError(where, n, f"{field}[0]", f"must have role 'assistant' (a reply), got '{msgs[0]['role']}'")
+    _check_ends_with_reply(where, n, field, msgs)
+
+
+def _check_ends_with_reply(where, n, field: str, msgs: list[dict]) -> None:
     if msgs[-1]["role"] != "assistant":
         raise DataError(where, n, field, "the last message must have role 'assistant'")
     last = msgs[-1].get("content")
@@ -136,10 +140,7 @@ def check_reply(where, n, field: str, msgs: list[dict]) -> None:
 def conversation_value(where, n, rec: dict) -> tuple[list[dict], list | None]:
     """A ``messages`` row: the conversation (ending with an assistant turn) and its ``tools``."""
     msgs = messages_value(where, n, "messages", rec.get("messages"))
-    if msgs[-1]["role"] != "assistant":
-        raise DataError(where, n, "messages", "the last message must have role 'assistant'")
-    if not (msgs[-1].get("content") or "").strip() and not msgs[-1].get("tool_calls"):
-        raise DataError(where, n, f"messages[{len(msgs) - 1}].content", "is empty")
+    _check_ends_with_reply(where, n, "messages", msgs)
     tools = rec.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise DataError(where, n, "tools", f"must be a list of tool definitions, got {type(tools).__name__}")

@@ -131,6 +131,9 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
             errors.append(DataError(path, n, None, f"expected a JSON object, got {type(rec).__name__}"))
             continue
         records.append((n, rec))
+    if errors and raw.lstrip().startswith(b"["):
+        e = errors[0]
+        errors[0] = DataError(e.file, e.line, e.field, e.problem + " (the file looks like a JSON array: name it .json)")
     collect_errors(errors)
     if not records:
         raise DataError(path, None, None, "file is empty (no records)")
