@@ -58,21 +58,23 @@ def matmul_peak_gflops() -> float:
     return 10 * 2 * 1024 ** 3 / (time.perf_counter() - t) / 1e9
 
 
-def run_lazarus(model_dir, data_file, batch, lr, ckdir, grad_checkpoint=False, fast_cpu_kernels=True, cpu_streams=None):
+def run_lazarus(model_dir, data_file, batch, lr, ckdir, grad_checkpoint=False, fast_cpu_kernels=True, cpu_streams=None,
+                packing=False, epochs=1):
     mx.random.seed(0)
     model, tok = load_model(model_dir, use_lora=True, lora_rank=8)
     ds = SFTDataset(data_file, tok)
-    cfg = SFTConfig(num_epochs=1, batch_size=batch, learning_rate=lr, warmup_steps=0, max_grad_norm=None,
+    cfg = SFTConfig(num_epochs=epochs, batch_size=batch, learning_rate=lr, warmup_steps=0, max_grad_norm=None,
                     checkpoint_interval=None, checkpoint_dir=str(ckdir), log_interval=10 ** 6,
-                    grad_checkpoint=grad_checkpoint, fast_cpu_kernels=fast_cpu_kernels, cpu_streams=cpu_streams)
+                    grad_checkpoint=grad_checkpoint, fast_cpu_kernels=fast_cpu_kernels, cpu_streams=cpu_streams,
+                    packing=packing)
     trainer = SFTTrainer(model, tok, cfg, callbacks=[Checkpoint(ckdir, interval=None, save_best=False)])
     trainer.make_optimizer = lambda: optim.Adam(learning_rate=lr)
     mx.reset_peak_memory()
     t = time.perf_counter()
     result = trainer.train(ds)
     dt = time.perf_counter() - t
-    targets = sum(len(e.ids) - e.prompt_len for e in ds.examples)
-    processed = sum(len(e.ids) - 1 for e in ds.examples)  # every real input position (no padding)
+    targets = epochs * sum(len(e.ids) - e.prompt_len for e in ds.examples)
+    processed = epochs * sum(len(e.ids) - 1 for e in ds.examples)  # every real input position (no padding)
     return dt, targets, mx.get_peak_memory() / 1e9, processed
 
 

@@ -148,6 +148,8 @@ def test_absolute_position_embeddings_are_refused():
                           layer_norm_epsilon=1e-5, vocab_size=64)
     with pytest.raises(PackingUnsupported, match="absolute positions"):
         check_packing_supported(gpt2.Model(args))
+    with pytest.raises(PackingUnsupported, match="builds no attention mask"):  # not an mlx-lm model
+        check_packing_supported(nn.Sequential(nn.Embedding(64, 8), nn.Linear(8, 64)))
 
 
 # ---------------------------------------------------------------- training

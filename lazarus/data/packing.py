@@ -108,24 +108,23 @@ def pack(sizes, capacity: int, seed: int = 0) -> list[list[int]]:
 def plan_rows(sizes, limit: int | None = None, seed: int = 0) -> tuple[int, list[list[int]]]:
     """``(row_length, rows)`` by the rule of the module docstring; sizes above ``limit`` count as
     ``limit`` (the caller truncates those examples)."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    if limit is not None:
-        sizes = np.minimum(sizes, int(limit))
+    cap = int(limit) if limit is not None else np.iinfo(np.int64).max
+    sizes = np.minimum(np.asarray(sizes, dtype=np.int64), cap)
     longest, total = int(sizes.max()), int(sizes.sum())
     best: tuple[float, int, list[list[int]]] | None = None
     for factor in ROW_FACTORS:
-        aim = int(np.ceil(longest * factor)) if limit is None else min(int(np.ceil(longest * factor)), int(limit))
+        aim = min(int(np.ceil(longest * factor)), cap)
         num_rows = -(-total // aim)
         length = max(longest, -(-total // num_rows))  # rows exactly full if the examples allow it
         for _ in range(16):  # else a little longer, until they fit into num_rows rows
             rows = pack(sizes, length, seed)
-            if len(rows) <= num_rows or (limit is not None and length >= limit):
+            if len(rows) <= num_rows or length >= cap:
                 break
-            length = length + max(1, length // 256) if limit is None else min(limit, length + max(1, length // 256))
+            length = min(cap, length + max(1, length // 256))
         padding = 1.0 - total / (len(rows) * length)
         if best is None or padding < best[0]:
             best = (padding, length, rows)
-        if padding < TARGET_PADDING or (limit is not None and aim >= limit):
+        if padding < TARGET_PADDING or aim >= cap:
             break
     return best[1], best[2]
 
