@@ -108,8 +108,7 @@ def test_text_trains_every_token(tiny, tmp_path):
     targets, positions = trained(ds)
     assert targets == e.ids[1:] and positions == list(range(len(e.ids) - 1))
     result = SFTTrainer(*tiny, short(tmp_path=tmp_path)).train([{"text": f"{a}+{a}={2 * a}"} for a in range(6)])
-    assert result.stop_reason == "max_steps reached (2)" and all(np.isfinite(h["loss"]) for h in result.history
-                                                                 if "loss" in h)
+    assert result.stop_reason == "max_steps reached (2)" and np.isfinite(result.history[-1]["loss"])
 
 
 @pytest.mark.parametrize("name", ["tiny", "chatml", "llama3", "gemma", "mistral"])
@@ -311,6 +310,7 @@ def test_every_source_gives_the_same_examples_and_trains(tiny, tmp_path):
     _, tok = tiny
     want = SFTDataset(ROWS, tok).fingerprint()
     src = sources(tmp_path, ROWS)
+    src["table rows"] = FakeDataset([dict(r, messages=None, text=None) for r in ROWS])  # null where a row has none
     for name, data in src.items():
         assert SFTDataset(data, tok).fingerprint() == want, name
     pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "no"} for r in ROWS]

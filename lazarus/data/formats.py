@@ -46,7 +46,8 @@ def check_format(name: str | None, formats: dict, dataset: str) -> str | None:
 
 
 def _fields(rec: dict) -> str:
-    return ", ".join(map(str, rec)) or "none"
+    """The fields a row has (a null value, as tables give a row without that column, is no field)."""
+    return ", ".join(str(k) for k, v in rec.items() if v is not None) or "none"
 
 
 class RowFormat:
@@ -63,13 +64,14 @@ class RowFormat:
     def of(self, where, n, rec: dict) -> str:
         """The format row ``n`` is read in (the first recognisable row sets the dataset's)."""
         if self.name is None:
-            found = next((name for name, fields in self.formats.items() if all(f in rec for f in fields)), None)
+            found = next((name for name, fields in self.formats.items()
+                          if all(rec.get(f) is not None for f in fields)), None)
             if found is None:
                 raise DataError(where, n, None, f"unrecognised {self.dataset} row: fields found: {_fields(rec)}; "
                                                 f"accepted: {self.accepted()}")
             self.name = found
         for f in self.formats[self.name]:
-            if f not in rec:
+            if rec.get(f) is None:
                 how = "given" if self.given else "detected from the first row"
                 raise DataError(where, n, f, f"missing (format {self.name}, {how}: fields "
                                              f"{', '.join(self.formats[self.name])}; this row has: {_fields(rec)})")
@@ -78,7 +80,7 @@ class RowFormat:
 
 def text_value(where, n, rec: dict, field: str) -> str:
     """A non-empty string field."""
-    if field not in rec:
+    if rec.get(field) is None:
         raise DataError(where, n, field, "missing")
     v = rec[field]
     if not isinstance(v, str):
