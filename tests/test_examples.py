@@ -14,7 +14,7 @@ from lazarus.cli import build_parser, main, resolve_train_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO / "examples"
-YAMLS = ["sft", "dpo", "grpo", "ppo", "orpo", "simpo", "kto"]
+YAMLS = ["sft", "dpo", "grpo", "ppo", "orpo", "simpo", "kto", "reward"]
 
 
 def _available(paradigm):
@@ -48,6 +48,12 @@ def test_dpo_example(tmp_path, lora):
     assert "margin" in out and "stopped:" in out
     assert (tmp_path / "dpo" / "final.safetensors").exists()
     assert (tmp_path / "dpo" / "adapters.safetensors").exists() == lora
+
+
+def test_reward_then_ppo_example(tmp_path):
+    out = _run_script("reward_then_ppo.py", tmp_path)
+    assert "reward model: pair accuracy" in out and "after PPO (4 steps): learned reward" in out
+    assert (tmp_path / "reward" / "reward_model" / "reward_model.json").exists()
 
 
 def test_custom_objective_example_runs(tmp_path):

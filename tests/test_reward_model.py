@@ -135,8 +135,8 @@ def test_saved_reward_model_loads_and_scores_the_same(trained, tiny_dir):
     tok = trainer.tokenizer
     prompts, answers = ["What is 2+4?", "What is 2+4?", "What is 8+7?"], ["6", "4", "15"]
     assert rm.tokenizer is not None
-    np.testing.assert_allclose(rm.score_texts(prompts, answers), trainer.reward_model.score_texts(prompts, answers, tok),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rm.score_texts(prompts, answers),
+                               trainer.reward_model.score_texts(prompts, answers, tok), rtol=1e-5, atol=1e-5)
     # the final checkpoint holds the head too and loads into a fresh trainer
     fresh = RewardTrainer(load_model(tiny_dir)[0], tok, RewardConfig())
     fresh.load_checkpoint(trainer.config.checkpoint_dir + "/final.safetensors")

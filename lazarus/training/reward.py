@@ -183,11 +183,6 @@ class RewardTrainer(Trainer):
     def train_module(self):
         return self.reward_model
 
-    def as_dataset(self, data):
-        if data is None or hasattr(data, "collate"):
-            return data
-        return RewardDataset(data, self.tokenizer, max_length=self.max_length())
-
     def collate_fn(self, dataset, split: str):
         if not getattr(dataset, "has_margin", False):
             return dataset.collate
