@@ -137,6 +137,10 @@ def test_saved_reward_model_loads_and_scores_the_same(trained, tiny_dir):
     assert rm.tokenizer is not None
     np.testing.assert_allclose(rm.score_texts(prompts, answers),
                                trainer.reward_model.score_texts(prompts, answers, tok), rtol=1e-5, atol=1e-5)
+    # a loaded (frozen) reward model trains further: all of it but the unused lm_head
+    assert not flat(rm)
+    more = RewardTrainer(rm, rm.tokenizer, RewardConfig(checkpoint_dir=str(folder.parent / "more")))
+    assert more.reward_model is rm and set(flat(rm)) == set(flat(trainer.reward_model))
     # the final checkpoint holds the head too and loads into a fresh trainer
     fresh = RewardTrainer(load_model(tiny_dir)[0], tok, RewardConfig())
     fresh.load_checkpoint(trainer.config.checkpoint_dir + "/final.safetensors")

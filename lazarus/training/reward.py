@@ -24,6 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from pydantic import Field
 
 from lazarus.data import DataError, PreferenceDataset
@@ -159,7 +160,8 @@ class RewardTrainer(Trainer):
     the model, or its LoRA adapters) so that chosen responses out-score rejected ones.
 
     ``model`` is a language model (``load_model``; its untied ``lm_head`` is frozen: a reward model
-    does not use it) or a :class:`RewardModel` to train further. ``trainer.reward_model`` is the
+    does not use it) or a :class:`RewardModel` to train further (one loaded frozen by
+    ``load_reward_model`` is unfrozen: all its weights train). ``trainer.reward_model`` is the
     model + head the Loop trains; checkpoints hold both (``score.weight``/``score.bias`` beside the
     model's trainable weights). ``train()`` ends by writing the loadable reward model to
     ``<checkpoint_dir>/reward_model`` (rank 0; ``trainer.reward_model_dir``)."""
@@ -172,10 +174,12 @@ class RewardTrainer(Trainer):
         reward_model = model if isinstance(model, RewardModel) else None
         model = reward_model.policy if reward_model is not None else model
         super().__init__(model, tokenizer, config, callbacks, optimizer, reference_model=reference_model)
+        if reward_model is not None and not tree_flatten(reward_model.trainable_parameters()):
+            reward_model.unfreeze()  # a loaded (frozen) reward model trains further: all of it
+        lm_head = model.get("lm_head") if isinstance(model, dict) else None
+        if isinstance(lm_head, nn.Module) and lora_settings(model) is None:
+            lm_head.freeze()  # unused by the reward: no optimizer state for it
         if reward_model is None:
-            lm_head = model.get("lm_head") if isinstance(model, dict) else None
-            if isinstance(lm_head, nn.Module) and lora_settings(model) is None:
-                lm_head.freeze()  # unused by the reward: no optimizer state for it
             reward_model = RewardModel(model, head, seed=self.config.seed, tokenizer=tokenizer)
         self.reward_model = reward_model
         self.reward_model_dir: Path | None = None
