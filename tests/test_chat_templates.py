@@ -235,7 +235,8 @@ def test_default_system_prompt_is_in_the_prompt(families, tmp_path):
 
 @pytest.mark.parametrize("name", ["chatml", "llama3", "gemma", "mistral"])
 def test_messages_multi_turn(name, families, tmp_path):
-    """Earlier assistant turns are prompt (masked, with their own end tokens); the last is the target."""
+    """Every assistant turn is a target, each with its one end token; user turns and what follows an end
+    token are masked."""
     from lazarus.data import SFTDataset
 
     tok = families[name][1]
@@ -243,11 +244,12 @@ def test_messages_multi_turn(name, families, tmp_path):
             {"role": "user", "content": "And 3+4?"}, {"role": "assistant", "content": "7"}]
     ds = SFTDataset(write_jsonl(tmp_path / "m.jsonl", [{"messages": msgs}]), tok)
     e = ds.examples[0]
-    prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
-    assert e.ids[: e.prompt_len] == _enc(tok, prompt)
-    assert e.ids[e.prompt_len:] == _enc(tok, "7") + [_end(tok, name)]
+    first = tok.apply_chat_template(msgs[:1], add_generation_prompt=True, tokenize=False)
+    assert e.ids[: e.prompt_len] == _enc(tok, first)
+    last = _enc(tok, "7") + [_end(tok, name)]
+    assert e.ids[-len(last):] == last
     targets, mask = _trained(ds.collate([0]), 0)
-    assert targets[mask > 0].tolist() == _enc(tok, "7") + [_end(tok, name)]
+    assert targets[mask > 0].tolist() == _enc(tok, "5") + [_end(tok, name)] + last
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -55,6 +55,16 @@ class StrictConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("format", mode="after", check_fields=False)
+    @classmethod
+    def _known_format(cls, value):
+        from lazarus.data.formats import ALIASES, PREFERENCE_FORMATS, PROMPT_FORMATS, SFT_FORMATS
+
+        known = {*SFT_FORMATS, *PREFERENCE_FORMATS, *PROMPT_FORMATS, *ALIASES}
+        if value is not None and value not in known:
+            raise ValueError(f"unknown data format {value!r}; expected one of: {', '.join(sorted(known))}")
+        return value
+
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_non_bool(cls, value, info: ValidationInfo):
@@ -106,6 +116,10 @@ class TrainerConfig(StrictConfig):
     dequantize: bool | Literal["auto"] = Field(
         "auto", description="Replace frozen 4-bit layers by ordinary ones in the compute dtype; auto: on the CPU "
                             "backend when they fit in half the available memory (4-bit matmuls are slow there)")
+    format: str | None = Field(
+        None, description="Data format of the rows; None: detected from the first row (see training.md, "
+                          "Data formats: messages, prompt_response, prompt_completion, text, preference, "
+                          "implicit_preference, prompt; mlx-lm's chat, completions)")
     save_dtype: Literal["base", "float32", "bfloat16", "float16"] = Field(
         "base", description="dtype of checkpoints, adapters and model folders; base: the loaded model's")
 

@@ -52,4 +52,7 @@ class PairwiseTrainer(Trainer):
     def as_dataset(self, data):
         if data is None or hasattr(data, "collate"):
             return data
-        return PreferenceDataset(data, self.tokenizer, max_length=self.max_length())
+        from lazarus.data.formats import format_options
+
+        return PreferenceDataset(data, self.tokenizer, max_length=self.max_length(),
+                                 **format_options(self.config, PreferenceDataset))

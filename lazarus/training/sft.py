@@ -15,6 +15,8 @@ from lazarus.training.base import Trainer, TrainerConfig, token_logps
 
 class SFTConfig(TrainerConfig):
     mask_prompt: bool = Field(True, description="Exclude prompt tokens from the loss")
+    assistant_only: bool = Field(True, description="messages rows: train on the assistant turns only (every "
+                                                   "one of them); false: on every turn")
     packing: bool = Field(False, description="Pack several examples into each row (each attends only to itself); "
                                              "batch_size then counts rows (see training.md)")
 
