@@ -80,14 +80,17 @@ class RewardModel(PolicyWithValueHead):
         picked = h[mx.arange(tokens.shape[0]), last]
         return self[self.head_name](picked.astype(mx.float32))[:, 0]
 
-    def encode(self, prompt: str, completion: str, tokenizer=None) -> list[int]:
-        """``prompt`` + ``completion`` as the training pairs were tokenized: the prompt through the
-        chat template (when it was used), the completion as a finished reply (ending with its end token)."""
+    def encode(self, prompt: str | list[dict], completion: str, tokenizer=None) -> list[int]:
+        """``prompt`` (a text, or chat messages) + ``completion`` as the training pairs were tokenized:
+        the prompt through the chat template (when it was used), the completion as a finished reply
+        (ending with its end token)."""
         tok = tokenizer or self.tokenizer
         use_template = self.text_format.get("use_chat_template")
         use_template = has_chat_template(tok) if use_template is None else bool(use_template)
         system = self.text_format.get("system_prompt")
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        msgs = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if system and msgs[0].get("role") != "system":
+            msgs = [{"role": "system", "content": system}] + msgs
         return prompt_ids(tok, msgs, use_template) + reply_ids(tok, msgs, completion, use_template)
 
     def score_ids(self, sequences: list[list[int]], pad_id: int = 0, batch_size: int = 32) -> np.ndarray:
