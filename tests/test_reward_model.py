@@ -165,6 +165,26 @@ def test_lora_trains_the_head_and_saves_it(tiny_dir, tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_4bit_untied_base_saves_in_its_dtype(model_zoo, tmp_path):
+    """LoRA on a bf16 4-bit model with an untied lm_head: the head trains (lm_head does not), the
+    folder stays 4-bit bfloat16 with the head in bfloat16, and scores close to the trained model."""
+    model, tok = load_model(model_zoo("llama", "bfloat16", bits=4, tie=False), use_lora=True, lora_rank=4)
+    trainer = RewardTrainer(model, tok, RewardConfig(max_steps=2, batch_size=8, learning_rate=1e-3,
+                                                     checkpoint_interval=None, checkpoint_dir=str(tmp_path)))
+    trainer.train(EXAMPLES / "preferences.jsonl")
+    assert not any(k.startswith("lm_head") for k in flat(trainer.reward_model))
+    head = trainer.reward_model.score  # rewards of order 1 to compare (two steps barely move it)
+    head.weight = mx.array(np.random.default_rng(1).normal(size=head.weight.shape).astype(np.float32))
+    folder = trainer.save_reward_model(tmp_path / "rm")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["quantization"]["bits"] == 4
+    assert all(v.dtype == mx.bfloat16 for v in mx.load(str(folder / "reward_head.safetensors")).values())
+    texts = (["What is 3+8?"] * 4, ["11", "10", "12", "1"])
+    # the saved folder holds the fused layers 4-bit again and the rest in bfloat16: close, not equal
+    np.testing.assert_allclose(load_reward_model(folder).score_texts(*texts),
+                               trainer.reward_model.score_texts(*texts, tok), rtol=0.15, atol=0.05)
+
+
 def test_resume_is_exact(tiny_dir, tmp_path):
     def run(stop=None, resume=None, out="a"):
         model, tok = load_model(tiny_dir)

@@ -35,11 +35,12 @@ HEAD_FILE = "reward_head.safetensors"
 
 
 def save_reward_model(reward_model, tokenizer, directory: str | os.PathLike, *, dtype: mx.Dtype | None = None,
-                      source_dir: str | os.PathLike | None = None) -> Path:
+                      dequantize: bool = False, source_dir: str | os.PathLike | None = None) -> Path:
     """Write ``reward_model`` (a :class:`lazarus.training.RewardModel`) to ``directory``: its language
-    model as a model folder (LoRA fused; ``dtype`` default: the base model's) plus the head and
-    ``reward_model.json``. Returns the folder."""
-    out = save_model_folder(reward_model.policy, tokenizer, directory, dtype=dtype, source_dir=source_dir)
+    model as a model folder (LoRA fused; ``dtype`` default: the base model's; a 4-bit base stays
+    4-bit unless ``dequantize``) plus the head and ``reward_model.json``. Returns the folder."""
+    out = save_model_folder(reward_model.policy, tokenizer, directory, dtype=dtype, dequantize=dequantize,
+                            source_dir=source_dir)
     head = dict(tree_flatten(reward_model[reward_model.head_name].parameters()))
     weights = {f"score.{k}": v for k, v in head.items()}
     if dtype is None:  # the folder's weights' dtype

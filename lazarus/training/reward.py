@@ -179,13 +179,22 @@ class RewardTrainer(Trainer):
         super().__init__(model, tokenizer, config, callbacks, optimizer, reference_model=reference_model)
         if reward_model is not None and not tree_flatten(reward_model.trainable_parameters()):
             reward_model.unfreeze()  # a loaded (frozen) reward model trains further: all of it
-        lm_head = model.get("lm_head") if isinstance(model, dict) else None
-        if isinstance(lm_head, nn.Module) and lora_settings(model) is None:
-            lm_head.freeze()  # unused by the reward: no optimizer state for it
         if reward_model is None:
             reward_model = RewardModel(model, head, seed=self.config.seed, tokenizer=tokenizer)
         self.reward_model = reward_model
         self.reward_model_dir: Path | None = None
+        self._freeze_lm_head()
+
+    def _freeze_lm_head(self) -> None:
+        lm_head = self.model.get("lm_head") if isinstance(self.model, dict) else None
+        if isinstance(lm_head, nn.Module) and lora_settings(self.model) is None:
+            lm_head.freeze()  # unused by the reward: no optimizer state for it
+
+    def apply_precision(self):
+        precision = super().apply_precision()
+        self.reward_model.adopt_policy_modules()  # a dequantized lm_head is a new module
+        self._freeze_lm_head()
+        return precision
 
     def train_module(self):
         return self.reward_model
@@ -224,11 +233,12 @@ class RewardTrainer(Trainer):
         return result
 
     def save_reward_model(self, directory: str | os.PathLike) -> Path:
-        """Write the reward model (model with LoRA fused + head, in the save dtype) as a folder that
-        :func:`lazarus.models.load_reward_model` loads."""
+        """Write the reward model (model with LoRA fused + head, in the save dtype; 4-bit layers of the
+        base stay 4-bit unless ``dequantize: true``) as a folder :func:`lazarus.models.load_reward_model` loads."""
         from lazarus.models.reward_model import save_reward_model
 
         return save_reward_model(self.reward_model, self.tokenizer, directory,
+                                 dequantize=self.config.dequantize is True,
                                  dtype=self.precision.save if self.precision else None)
 
     def load_checkpoint(self, path) -> None:
