@@ -47,8 +47,9 @@ RUN_KEYS: dict[str, tuple[str, str, Applies]] = {
     "model": ("Model folder (Hugging Face / MLX layout; `lazarus init-model DIR` makes a tiny one), or an earlier "
               "run folder: a full fine-tune's model/, a LoRA run's base with its adapters fused in", "required",
               EVERY),
-    "data": ("Training data, JSON Lines", "required", EVERY),
-    "eval_data": ("Evaluation data, JSON Lines (same format as data)", "None", EVERY),
+    "data": ("Training data: .jsonl, .json array, .parquet, or a folder with train.jsonl (and valid.jsonl, "
+             "the eval set unless eval_data is given)", "required", EVERY),
+    "eval_data": ("Evaluation data (same formats as data)", "None", EVERY),
     "output": ("Run folder: checkpoints/ (unless checkpoint_dir is set), config.yaml, history.json, and model/ "
                "(a full fine-tune's model folder, written when training ends); one that holds another run is "
                "refused (--resume continues it, --overwrite clears it)",
