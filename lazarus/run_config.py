@@ -60,9 +60,13 @@ RUN_KEYS: dict[str, tuple[str, str, Applies]] = {
     "reference_model": ("Frozen reference model folder or run folder (default: the policy before training, or the "
                         "LoRA base)",
                         "None", WITH_REFERENCE),
-    "reward": ("Reward function(s): 'module:function' or 'path/to/file.py:function', or a list of them",
-               "required", WITH_REWARD),
-    "reward_weights": ("Weights of the reward functions (a list, same length as reward)", "1.0 each", WITH_REWARD),
+    "reward": ("Reward function(s): 'module:function' or 'path/to/file.py:function', or a list of them "
+               "(reward or reward_model is required)", "None", WITH_REWARD),
+    "reward_model": ("Reward model folder (`lazarus train reward`'s run folder or its checkpoints/reward_model), "
+                     "scored beside or instead of reward; its weight is the last of reward_weights", "None",
+                     WITH_REWARD),
+    "reward_weights": ("Weights of the reward functions, then of the reward model (a list)", "1.0 each",
+                       WITH_REWARD),
     "system_prompt": ("System message put before every prompt (through the chat template)", "None", EVERY),
     "tensorboard": ("TensorBoard log folder (true: <output>/tb)", "None", EVERY),
     "wandb": ("Weights & Biases: true, a project name, or wandb.init arguments {project: ..., name: ...}; "
@@ -306,8 +310,11 @@ def load_reward(spec: str):
 def reward_kwargs(run: dict) -> dict:
     """The ``reward`` (and ``reward_weights``) run keys as the trainer's ``reward_fn=`` (and
     ``reward_weights=``) keywords; the reward functions are imported here."""
-    specs = run["reward"] if isinstance(run["reward"], list) else [run["reward"]]
-    kwargs = {"reward_fn": [load_reward(s) for s in specs]}
+    specs = run.get("reward") or []
+    specs = specs if isinstance(specs, list) else [specs]
+    kwargs = {"reward_fn": [load_reward(s) for s in specs] or None}
+    if run.get("reward_model"):
+        kwargs["reward_model"] = path_value(run, "reward_model")
     weights = run.get("reward_weights")
     if weights is not None:
         kwargs["reward_weights"] = weights if isinstance(weights, list) else [weights]
@@ -413,7 +420,8 @@ def resolve_train_config(args) -> tuple[str, dict, Any, Any, Any]:
     for key in ("model", "data"):
         if not run.get(key):
             raise CLIError(f"no {key} given: pass --{key} or put '{key}:' in the YAML config")
-    if paradigm in WITH_REWARD and not run.get("reward"):
+    if paradigm in WITH_REWARD and not (run.get("reward") or run.get("reward_model")):
         raise CLIError(f"`lazarus train {paradigm}` needs a reward function: put 'reward: module:function' "
-                       "(or 'path/to/file.py:function') in the YAML config, or --set reward=...")
+                       "(or 'path/to/file.py:function') in the YAML config, or --set reward=... (or a "
+                       "reward_model: FOLDER)")
     return paradigm, run, config, trainer_cls, config_cls

@@ -137,8 +137,8 @@ def write_model_folder(output: Path, result, trainer, lk: dict) -> Path | None:
     """A full fine-tune that finished writes ``<output>/model`` (its final weights as a model folder,
     the base's dtype; 4-bit layers stay 4-bit unless the run set ``dequantize: true``); a LoRA run's
     result is its adapters (``lazarus export`` fuses them). Rank 0 only."""
-    if lk.get("use_lora") or not _finished(result):
-        return None
+    if lk.get("use_lora") or not _finished(result) or getattr(trainer, "reward_model_dir", None) is not None:
+        return None  # a reward model run writes its reward model (model + head) instead
     return trainer.save_model(output / MODEL_DIR, dequantize=getattr(trainer.config, "dequantize", None) is True)
 
 
@@ -153,7 +153,8 @@ def print_summary(paradigm, run, result, trainer, lk, model_dir: Path | None = N
     print(f"lazarus train {paradigm}: {result.stop_reason} after {st.step} steps")
     if train_rows:
         last = train_rows[-1]
-        keys = [k for k in ("loss", "reward", "rewards/margins", "rewards/accuracies", "kl") if k in last]
+        keys = [k for k in ("loss", "reward", "rewards/margins", "rewards/accuracies", "kl", "accuracy", "margin")
+                if k in last]
         print("  last train metrics: " + ", ".join(f"{k}={last[k]:.4g}" for k in keys))
     if eval_rows:
         last = eval_rows[-1]
@@ -164,6 +165,10 @@ def print_summary(paradigm, run, result, trainer, lk, model_dir: Path | None = N
         print(f"  checkpoints: {ckdir} ({', '.join(names)})")
         if lk.get("use_lora") and (Path(ckdir) / "adapters.safetensors").exists():
             _print_adapter_commands(run, trainer, ckdir)
+    reward_dir = getattr(trainer, "reward_model_dir", None)
+    if reward_dir is not None:
+        print(f"  reward model: {reward_dir} (reward_model: {reward_dir} in a grpo/ppo config, or "
+              f"lazarus.models.load_reward_model)")
     if model_dir is not None:
         print(f"  model: {model_dir} (a model folder: lazarus generate --model {model_dir}, mlx_lm.generate, or "
               f"--model {run['output']} for the next run)")

@@ -244,3 +244,33 @@ def test_registered_for_the_cli():
     p = get_paradigm("reward")
     assert p.trainer_class is RewardTrainer and p.config_class is RewardConfig and "margin" in p.data_format
     assert RewardConfig().learning_rate == 1e-4 and RewardConfig().center_rewards_coefficient is None
+
+
+def test_cli_reward_run_then_grpo_with_reward_model(tiny_dir, examples, tmp_path, capsys):
+    """`lazarus train reward` writes a reward model and names it; `reward_model:` feeds it to GRPO,
+    logged as rewards/reward_model; grpo without reward nor reward_model is a one-line error."""
+    import json
+
+    from lazarus.cli import main
+
+    rm_run = tmp_path / "rm"
+    rc = main(["train", "reward", "--model", str(tiny_dir), "--data", str(examples / "preferences.jsonl"),
+               "--output", str(rm_run), "--max-steps", "2", "--set", "warmup_steps=0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "reward model: " in out and "accuracy=" in out
+    assert not (rm_run / "model").exists()  # the reward model (model + head) is the result, not a bare LM
+    rm_dir = rm_run / "checkpoints" / "reward_model"
+    assert (rm_dir / "reward_head.safetensors").exists()
+    grpo_run = tmp_path / "grpo"
+    rc = main(["train", "grpo", "--model", str(tiny_dir), "--data", str(examples / "prompts_train.jsonl"),
+               "--output", str(grpo_run), "--max-steps", "1", "--set", f"reward_model={rm_run}",
+               "--set", "group_size=2", "--set", "batch_size=2", "--set", "max_completion_length=3",
+               "--set", "log_interval=1"])
+    capsys.readouterr()
+    assert rc == 0
+    history = json.loads((grpo_run / "history.json").read_text())
+    assert any("rewards/reward_model" in h for h in history)
+    rc = main(["train", "grpo", "--model", str(tiny_dir), "--data", str(examples / "prompts_train.jsonl"),
+               "--output", str(tmp_path / "none"), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "reward_model" in err and len(err.strip().splitlines()) == 1
