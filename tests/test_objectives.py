@@ -382,27 +382,33 @@ def test_cli_trains(name, tiny_dir, tmp_path, capsys):
     assert (out / "checkpoints" / "final.safetensors").exists()
 
 
-# ---------------------------------------------------------------- KTO on two ranks
-def test_kto_two_ranks_match_one_process(tiny_dir, tmp_path):
-    """The KL estimate and the metrics are over the global batch (a collective inside the loss):
-    two ranks each holding half of every batch log what one process holding all of it logs."""
+# ---------------------------------------------------------------- two ranks
+def test_new_objectives_on_two_ranks_match_one_process(tiny_dir, tmp_path):
+    """ORPO, SimPO, KTO and the reward model on two ranks, each holding half of every global batch, log
+    what one process holding all of it logs, with identical weights on both ranks (KTO's KL estimate
+    and metrics are over the global batch: a collective inside the loss)."""
     import subprocess
     import sys
 
-    script = Path(__file__).parent / "distributed_kto.py"
-    data = write_jsonl(tmp_path / "kto.jsonl", map(json.loads, (EXAMPLES / "kto.jsonl").read_text().splitlines()[:48]))
+    script = Path(__file__).parent / "distributed_objectives.py"
+    kto = write_jsonl(tmp_path / "kto.jsonl", map(json.loads, (EXAMPLES / "kto.jsonl").read_text().splitlines()[:48]))
+    prefs = write_jsonl(tmp_path / "prefs.jsonl",
+                        map(json.loads, (EXAMPLES / "preferences.jsonl").read_text().splitlines()[:48]))
+    specs = [f"kto={kto}", f"orpo={prefs}", f"simpo={prefs}", f"reward={prefs}"]
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"n{n}"
         out.mkdir()
         cmd = [sys.executable, "-m", "lazarus.launch", "-n", "2", str(script)] if n == 2 else [sys.executable, str(script)]
-        p = subprocess.run(cmd + [str(tiny_dir), str(data), str(out)], capture_output=True, text=True, timeout=240)
+        p = subprocess.run(cmd + [str(tiny_dir), str(out), *specs], capture_output=True, text=True, timeout=400)
         assert p.returncode == 0, p.stderr[-3000:]
-        runs[n] = [json.loads((out / f"kto_rank{r}.json").read_text()) for r in range(n)]
-    (one,), (r0, r1) = runs[1], runs[2]
-    assert r0["world"] == 2 and r0["digest"] == r1["digest"] and r0["history"] == r1["history"]
-    assert len(one["history"]) == len(r0["history"]) == 3
-    for a, b in zip(one["history"], r0["history"]):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+        runs[n] = out
+    for name in ("kto", "orpo", "simpo", "reward"):
+        one = json.loads((runs[1] / f"{name}_rank0.json").read_text())
+        r0, r1 = (json.loads((runs[2] / f"{name}_rank{r}.json").read_text()) for r in (0, 1))
+        assert r0["world"] == 2 and r0["digest"] == r1["digest"] and r0["history"] == r1["history"], name
+        assert len(one["history"]) == len(r0["history"]) == 3, name
+        for a, b in zip(one["history"], r0["history"]):
+            assert a.keys() == b.keys() and "loss" in a, name
+            for k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (name, k)
