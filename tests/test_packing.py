@@ -135,6 +135,8 @@ def test_segment_mask_with_the_fast_attention_matches_mlx_and_keeps_rows_finite(
     ours = fast_cpu.scaled_dot_product_attention(q, k, v, None, scale=0.25, mask=mask)
     theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=1e-5)
+    additive = fast_cpu.scaled_dot_product_attention(q, k, v, None, scale=0.25, mask=mx.where(mask, 0.0, -mx.inf))
+    np.testing.assert_allclose(np.array(additive), np.array(theirs), atol=1e-5)
     windowed = segment_mask(segments, window_size=2)
     assert windowed[1, 0, 5, 3].item() is False and windowed[1, 0, 5, 4].item() is True
     empty = mx.zeros((2, 1, 8, 8), dtype=mx.bool_)  # a fully masked row gives zeros, not NaN
