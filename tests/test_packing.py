@@ -189,3 +189,23 @@ def test_packed_resume_is_exact(tiny_dir, examples, tmp_path):
     assert resumed == straight
     for k in w1:
         np.testing.assert_array_equal(w2[k], w1[k], err_msg=k)
+
+
+def test_the_packed_attention_patch_is_undone_and_works_under_grad_checkpointing(tiny_dir, spread):
+    import mlx_lm.models.llama as llama
+
+    from lazarus.models import mlx_lm_patches as P
+
+    model, tok = load_model(tiny_dir)
+    batch = PackedDataLoader(SFTDataset(spread, tok), 2).get_batch(0, 0)
+    mask_fn, rope_call = llama.create_attention_mask, nn.RoPE.__call__
+    trainer = SFTTrainer(model, tok, SFTConfig())
+    plain = _loss_and_grads(trainer, model, batch)
+    with P.grad_checkpointing(model):
+        checkpointed = _loss_and_grads(trainer, model, batch)
+    assert abs(plain[0].item() - checkpointed[0].item()) <= 1e-6
+    with pytest.raises(RuntimeError, match="inside"):
+        with P.packed_attention(model, batch["segment_ids"]):
+            assert llama.create_attention_mask is not mask_fn and nn.RoPE.__call__ is not rope_call
+            raise RuntimeError("inside")
+    assert llama.create_attention_mask is mask_fn and nn.RoPE.__call__ is rope_call

@@ -1,8 +1,8 @@
 """Every monkey-patch Lazarus applies to mlx-lm, in one place.
 
-Lazarus trains mlx-lm's own model classes and changes their behaviour in exactly two ways, both
+Lazarus trains mlx-lm's own model classes and changes their behaviour in exactly three ways, all
 here. Nothing else in Lazarus rebinds a name inside an mlx-lm module or replaces a method of an
-mlx-lm class.
+mlx-lm class (or of ``mlx.nn.RoPE``, which patch 3 wraps while a packed forward pass runs).
 
 1. **Fast CPU kernels** (:func:`fast_kernels_installed`).
    *What*: the module-level names ``swiglu`` and ``scaled_dot_product_attention`` inside the
