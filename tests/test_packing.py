@@ -209,3 +209,22 @@ def test_the_packed_attention_patch_is_undone_and_works_under_grad_checkpointing
             assert llama.create_attention_mask is not mask_fn and nn.RoPE.__call__ is not rope_call
             raise RuntimeError("inside")
     assert llama.create_attention_mask is mask_fn and nn.RoPE.__call__ is rope_call
+
+
+def test_packed_multi_turn_rows_train_every_assistant_turn_only(tiny, tmp_path):
+    """A packed conversation trains exactly the targets the unpacked one does (every assistant turn,
+    not the user turns between them)."""
+    from lazarus.data import SFTDataset
+    from lazarus.data.packing import collate_packed
+
+    model, tok = tiny
+    msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"},
+            {"role": "user", "content": "And 3+4?"}, {"role": "assistant", "content": "7"}]
+    rows = [{"messages": msgs}, {"messages": [{"role": "user", "content": "What is 1+1?"},
+                                              {"role": "assistant", "content": "2"}]}]
+    ds = SFTDataset(rows, tok)
+    plain = ds.collate([0, 1])
+    packed = collate_packed(ds, [[0, 1]], sum(len(e.ids) - 1 for e in ds.examples))
+    want = [np.array(plain["targets"][r])[np.array(plain["mask"][r]) > 0].tolist() for r in range(2)]
+    got = np.array(packed["targets"][0])[np.array(packed["mask"][0]) > 0].tolist()
+    assert got == want[0] + want[1] and len(want[0]) > 2  # both assistant turns of the conversation

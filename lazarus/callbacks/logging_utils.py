@@ -39,4 +39,6 @@ def run_info_lines(info: dict) -> list[str]:
     data = f"Data: {info['examples']:,} examples"
     if "tokens" in info:
         data += f", {info['tokens']:,} tokens"
+    if info.get("packing"):
+        data += f"; packed: {info['packing']}"
     return lines + [data]

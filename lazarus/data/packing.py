@@ -148,8 +148,8 @@ def collate_packed(dataset, rows: list[list[int]], width: int) -> dict:
             n = len(ids) - 1
             inputs[b, pos: pos + n] = ids[:-1]
             targets[b, pos: pos + n] = ids[1:]
-            start = e.prompt_len - 1 if dataset.mask_prompt else 0
-            mask[b, pos + max(start, 0): pos + n] = 1.0
+            for start, end in dataset.target_ranges(e):  # the reply, or every assistant turn of a conversation
+                mask[b, pos + max(start, 0): pos + min(end, n)] = 1.0
             segments[b, pos: pos + n] = seg
             pos += n
         segments[b, pos:] = len(row) + 1
