@@ -2,7 +2,7 @@
 
 usage: distributed_sft.py MODEL_DIR DATA OUT_DIR MAX_STEPS [--resume PATH] [--stop-at N] [--fail-rank R]
                           [--no-seed] [--perturb-per-rank] [--desync-at N] [--checkpoint-interval N]
-                          [--step-sleep S]
+                          [--step-sleep S] [--packing]
 Writes OUT_DIR/result_rank{R}.json with the losses, a digest of the weights at the end and one at
 every checkpoint. --no-seed leaves MLX's clock-seeded RNG alone; --perturb-per-rank gives each
 rank different starting weights (as a clock-seeded init would); --desync-at N changes rank 1's
@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--resume"), ap.add_argument("--stop-at", type=int), ap.add_argument("--fail-rank", type=int)
     ap.add_argument("--no-seed", action="store_true"), ap.add_argument("--perturb-per-rank", action="store_true")
     ap.add_argument("--desync-at", type=int), ap.add_argument("--checkpoint-interval", type=int)
-    ap.add_argument("--step-sleep", type=float)
+    ap.add_argument("--step-sleep", type=float), ap.add_argument("--packing", action="store_true")
     args = ap.parse_args()
     rank = mx.distributed.init().rank()
     # per-rank output folders, so the test can check that only rank 0 wrote anything
@@ -95,7 +95,7 @@ def main():
     cfg = SFTConfig(max_steps=args.max_steps, batch_size=8, learning_rate=1e-3, warmup_steps=2, log_interval=1,
                     checkpoint_dir=os.path.join(out, "ck"),
                     checkpoint_interval=args.checkpoint_interval or args.stop_at or 1000,
-                    compile=not os.environ.get("NOCOMPILE"))
+                    compile=not os.environ.get("NOCOMPILE"), packing=args.packing)
     recorder = RecordDigests(args.desync_at)
     cbs = [StopOrFail(args.stop_at, args.fail_rank), TensorBoardLogger(os.path.join(out, "tb")), recorder]
     if args.step_sleep:

@@ -57,6 +57,22 @@ def test_ranks_agree_and_match_one_process(tiny_dir, data, two_rank_run):
     assert not (two_rank_run / "rank1").exists()
 
 
+def test_packed_rows_on_two_ranks_match_one_process(tiny_dir, data):
+    """packing: true splits each global batch of packed rows across the ranks: both ranks keep the same
+    weights at every step, and a full global batch gives one process's loss. (The 64 examples pack into 13
+    rows: the trailing 5-row batch cannot be split over 2 ranks and is dropped there, as unpacked batches
+    are, so only the first step sees the same rows in both runs.)"""
+    runs = {}
+    for n in (1, 2):
+        out = data / f"packed{n}"
+        p = launch([tiny_dir, data / "train.jsonl", out, 3, "--packing"], out, n=n)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[n] = [result(out, r) for r in range(n)]
+    (one,), (r0, r1) = runs[1], runs[2]
+    assert r0["digest"] == r1["digest"] and r0["losses"] == r1["losses"] and len(r0["losses"]) == 3
+    assert abs(one["losses"][0] - r0["losses"][0]) < 1e-5
+
+
 def test_two_rank_resume_is_exact(tiny_dir, data, two_rank_run):
     out = data / "resumed"
     p = launch([tiny_dir, data / "train.jsonl", out, 6, "--stop-at", 3], out)
