@@ -85,3 +85,15 @@ def model_zoo(tmp_path_factory):
         return built[key]
 
     return zoo_dir
+
+
+def run_cli(capsys, *args):
+    """``lazarus ARGS`` in this process: (exit code, stdout, stderr); argparse's SystemExit counts too."""
+    from lazarus.cli import main
+
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse (help, usage errors)
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -9,18 +9,10 @@ import pytest
 import yaml
 
 from conftest import write_jsonl
-from lazarus.cli import PARADIGMS, RUN_KEYS, _fmt_default, config_fields, load_paradigm, main
+from lazarus.cli import PARADIGMS, RUN_KEYS, _fmt_default, config_fields, load_paradigm
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def run_cli(capsys, *args):
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:  # argparse (help, usage errors)
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def available(paradigm):

@@ -11,26 +11,17 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from lazarus.cli import main
 from lazarus.data import chat_prompt_ids
 from lazarus.models import adapters_disabled, load_model, save_adapters, save_model_folder, source_dir
 from lazarus.models.export import source_tensors
 from lazarus.models.precision import apply_precision
 from lazarus.run_folder import write_model_folder
 from lazarus.training.generation import generate_completions
+from conftest import run_cli as cli
 
 FAST = ["--set", "batch_size=4", "--set", "warmup_steps=0", "--set", "learning_rate=1e-2", "--set",
         "progress_bar=false", "--set", "checkpoint_interval=null"]
 RL = ["--set", "group_size=2", "--set", "max_completion_length=4", "--set", "batch_size=2"]
-
-
-def cli(capsys, *args):
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def greedy(model, tok, prompts=("What is 7+5?", "What is 3+4?")):

@@ -8,8 +8,9 @@ import pytest
 import yaml
 from pydantic import Field
 
-from lazarus.cli import PARADIGMS, RUN_KEYS, main
+from lazarus.cli import PARADIGMS, RUN_KEYS
 from lazarus.training import SFTConfig, SFTTrainer, registry
+from conftest import run_cli
 
 
 class ScaledConfig(SFTConfig):
@@ -31,15 +32,6 @@ def scaled():
     registry.register("scaled-sft", ScaledSFTTrainer, ScaledConfig, "SFT with a scaled loss")
     yield "scaled-sft"
     registry.unregister("scaled-sft")
-
-
-def run_cli(capsys, *args):
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_registered_paradigm_is_a_subcommand_that_trains(scaled, tiny_dir, examples, tmp_path, capsys):

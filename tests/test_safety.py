@@ -26,18 +26,10 @@ from lazarus import Loop
 from lazarus import checkpointing as ckpt
 from lazarus.callbacks import Checkpoint, TerminateOnNaN
 from lazarus.cli import main
+from conftest import run_cli as cli
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "lazarus" / "data" / "examples" / "sft_train.jsonl"
-
-
-def cli(capsys, *args):
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def sft(tiny_dir, out, *extra, data=TRAIN):
