@@ -30,7 +30,7 @@ from lazarus.protocols import (DefaultHooks, DistributedBatchSource, PaddingRepo
 from lazarus.ranks import Ranks
 from lazarus.rng import seed_all
 from lazarus.state import State
-from lazarus.step import OptimizerStep, array_part, resolve_cpu_streams
+from lazarus.step import OptimizerStep, array_part, eval_mode, resolve_cpu_streams
 
 LossFn = Callable[[nn.Module, dict], tuple]
 EvalStep = Callable[[dict], tuple[dict, float]]
@@ -109,8 +109,7 @@ class Loop:
         self.epoch_open, self.interval, self.optimizer_step = False, IntervalMetrics(), None
         self._step_extra: dict[str, float] = {}  # the metrics of the rollout that fed this step
         self._eval_fn = self._last_eval_step = self._guards = None
-        self._padding: tuple[int | None, float] = (None, 0.0)
-        self._ranks_synced = False
+        self._padding, self._ranks_synced = (None, 0.0), False  # (epoch, its padding fraction)
 
     def emit(self, event: Event | str) -> None:
         handler = Event(event).handler  # an unknown event name raises here
@@ -266,7 +265,7 @@ class Loop:
         st.metrics = values
         self.emit(Event.STEP_END)
         if st.skip_reason is not None:
-            if self.optimizer_step.check_finite:
+            if self.optimizer_step.applied:  # skipped at step_end: undo the update
                 self.optimizer_step.roll_back()
             st.extras.setdefault("skipped_steps", []).append((st.step + 1, st.skip_reason))
             st.skip_reason = None
@@ -309,14 +308,15 @@ class Loop:
         self.emit(Event.EVAL_START)
         totals: dict[str, mx.array] = {}
         wsum = mx.array(0.0)
-        for i in range(len(self.eval_data)):
-            metrics, weight = self._eval_batch(self.eval_data.get_batch(0, i))
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * weight
-            wsum = wsum + weight
-            mx.eval(totals, wsum)
-            if self._guards is not None:
-                self._guards.beat()
+        with eval_mode(self.model):  # no dropout while evaluating
+            for i in range(len(self.eval_data)):
+                metrics, weight = self._eval_batch(self.eval_data.get_batch(0, i))
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v * weight
+                wsum = wsum + weight
+                mx.eval(totals, wsum)
+                if self._guards is not None:
+                    self._guards.beat()
         totals = {k: self.ranks.all_sum(v) for k, v in totals.items()}
         wsum = self.ranks.all_sum(wsum)
         mx.eval(totals, wsum)
@@ -330,14 +330,14 @@ class Loop:
     def save_checkpoint(self, path: str | os.PathLike) -> Path | None:
         """Write weights + resume state atomically, and the trainer's files beside them (rank 0;
         other ranks return None). Every rank calls it: the ranks first check they agree."""
-        arrays, doc = resume.resume_payload(self)
         training = self.trainable_weights()
-        weights = self.hooks.weights_for_saving(training)
-        arrays.update(resume.master_copies(training, weights))
-        mx.eval(arrays, weights)
         self.ranks.check_agree(training, self.state.step)
         if self.rank != 0:
             return None
+        arrays, doc = resume.resume_payload(self)
+        weights = self.hooks.weights_for_saving(training)
+        arrays.update(resume.master_copies(training, weights))
+        mx.eval(arrays, weights)
         last = self.state.extras.get("last_checkpoint")
         written = ckpt.write_checkpoint(path, weights, arrays, doc, non_finite_hint=(
             f" after step {self.state.step} (the run diverged; lower the learning rate). "

@@ -39,6 +39,17 @@ def all_finite(tree) -> mx.array:
     return mx.array(True) if total is None else mx.isfinite(total)
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run ``model`` in eval mode (no dropout) inside the block, restoring its mode after."""
+    was = getattr(model, "training", False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
 def _set_path(tree, path: str, value) -> None:
     """Assign ``value`` at a dotted ``path`` inside nested dicts/lists, in place."""
     keys = path.split(".")
@@ -93,6 +104,7 @@ class OptimizerStep:
         wrap = (lambda fn: mx.compile(fn, inputs=state, outputs=state)) if compile else (lambda fn: fn)
         self._fused, self._grad, self._apply = wrap(self._fused_fn), wrap(self._weighted_sums), wrap(self._apply_fn)
         self._saved = None
+        self.applied = False  # the last step's update was applied (not skipped at before_optimizer_step)
 
     # ---- traced pieces ---------------------------------------------------------------
     def _weighted_sums(self, shards):
@@ -151,6 +163,7 @@ class OptimizerStep:
         sync), and whether the updated weights are finite (None when not checked). ``emit`` is
         called with ``before_optimizer_step`` when ``split``; ``state.skip_reason`` set there
         discards the update."""
+        self.applied = True
         arrays = [[array_part(b) for b in shards] for shards in micro]
         busy_streams = len(self.streams) if any(len(shards) > 1 for shards in arrays) else 1
         with _blas.threads_for_streams(busy_streams, self.ranks.size):
@@ -186,10 +199,15 @@ class OptimizerStep:
         if state.skip_reason is None:
             extra, finite = self._apply(grads)
             metrics.update(extra)
+        else:
+            self.applied = False
         return loss, metrics, finite
 
     def roll_back(self) -> None:
         """Put back the weights and optimizer state from before the last step (``check_finite`` only)."""
+        if self._saved is None:
+            raise RuntimeError("a callback skipped a step at step_end without a rollback copy: set may_skip_steps = "
+                               "True on it (the Loop then keeps the weights from before each step)")
         params, opt_state = self._saved
         self.model.update(tree_unflatten(params))
         set_optimizer_state(self.optimizer, opt_state)

@@ -368,3 +368,34 @@ def test_sigint_writes_resumable_checkpoint(tmp_path):
     assert path.exists()
     _, _, doc = ckpt.read_checkpoint(path)
     assert doc["step"] == step
+
+
+def test_a_step_end_skip_without_may_skip_steps_is_an_error_not_a_silent_update():
+    class SkipAtStepEnd(Callback):  # forgets may_skip_steps = True: no rollback copy is kept
+        def on_step_end(self, state):
+            state.skip_step("no rollback")
+
+    with pytest.raises(RuntimeError, match="may_skip_steps"):
+        make_loop([SkipAtStepEnd()], max_steps=1, num_epochs=None).fit()
+
+
+def test_evaluation_runs_in_eval_mode_and_restores_the_mode():
+    class Dropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = nn.Linear(3, 1), nn.Dropout(0.5)
+
+        def __call__(self, x):
+            return self.lin(self.drop(x))
+
+    mx.random.seed(0)
+    model = Dropout()
+    loop = Loop(model, optim.SGD(learning_rate=0.0), mse, Regression(), eval_data=Regression(n_batches=2, seed=1),
+                handle_signals=False, max_steps=1)
+    data = Regression(n_batches=2, seed=1)
+    model.eval()
+    want = np.mean([mse(model, {k: v for k, v in data.get_batch(0, i).items() if k != "num_tokens"})[0].item()
+                    for i in range(2)])
+    model.train()
+    got = loop.evaluate()["loss"]
+    assert model.training and got == pytest.approx(want, rel=1e-5)  # evaluated without dropout

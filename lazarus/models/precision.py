@@ -127,14 +127,15 @@ def _plain_layer(m: nn.Module, dtype: mx.Dtype) -> nn.Module:
 
 
 def apply_precision(model: nn.Module, *, dtype: str = "auto", dequantize: bool | str = "auto",
-                    save_dtype: str = "base", full_fine_tune: bool = False) -> Precision:
+                    save_dtype: str = "base", full_fine_tune: bool = False, agree=bool) -> Precision:
     """Put ``model`` in its training precision, in place, and say what was done.
 
     Floating parameters (and quantization scales/biases) are cast to the compute dtype; quantized
     layers are dequantized per ``dequantize``. Trainable/frozen status is kept: a dequantized layer
     that was frozen stays frozen. Full fine-tuning a model with quantized layers that stay quantized
     is refused unless ``dequantize`` is ``True`` (only its norms would train; ``auto`` never decides to
-    turn a 4-bit model into a full-size one)."""
+    turn a 4-bit model into a full-size one). ``agree`` turns this process's ``auto`` decision into the
+    one every rank takes (``Ranks.rank0_choice``): free memory differs between processes."""
     base = base_dtype(model)
     compute = compute_dtype(dtype, base)
     quantized = quantized_modules(model)
@@ -144,6 +145,8 @@ def apply_precision(model: nn.Module, *, dtype: str = "auto", dequantize: bool |
             f"full fine-tuning a {bits}-bit model would train only its norm weights: use LoRA (--lora / "
             "use_lora=True), or set dequantize: true to train (and save) all weights dequantized")
     undo = should_dequantize(dequantize, quantized, compute)
+    if dequantize == "auto" and quantized:
+        undo = agree(undo)
     if undo:
         frozen = {name for name, _ in quantized}
         model.update_modules(tree_unflatten([(name, _plain_layer(m, compute)) for name, m in quantized]))

@@ -25,6 +25,7 @@ from lazarus.models.mlx_lm_patches import enable_grad_checkpoint
 from lazarus.models.lora import lora_settings, save_adapters
 from lazarus.models.precision import Precision, apply_precision, as_dtype, parameter_counts
 from lazarus.protocols import DefaultHooks
+from lazarus.ranks import Ranks
 
 
 def token_logps(model, inputs, targets, temperature: float = 1.0):
@@ -286,10 +287,11 @@ class Trainer(DefaultHooks):
         layers dequantized; files are written in the base model's dtype."""
         if self.precision is None:
             c = self.config
-            self.precision = apply_precision(self.model, dtype=c.dtype, dequantize=c.dequantize,
+            agree = Ranks().rank0_choice  # every rank takes rank 0's `auto` decision
+            self.precision = apply_precision(self.model, dtype=c.dtype, dequantize=c.dequantize, agree=agree,
                                              save_dtype=c.save_dtype, full_fine_tune=lora_settings(self.model) is None)
             for frozen in self.frozen_models():
-                apply_precision(frozen, dtype=c.dtype, dequantize=c.dequantize)
+                apply_precision(frozen, dtype=c.dtype, dequantize=c.dequantize, agree=agree)
         return self.precision
 
     def weights_for_saving(self, weights: dict) -> dict:

@@ -12,7 +12,6 @@ log-probabilities.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -20,6 +19,7 @@ import numpy as np
 
 from lazarus.models import fast_cpu
 from lazarus.rng import set_mlx_rng_key
+from lazarus.step import eval_mode
 
 
 @dataclass
@@ -139,17 +139,6 @@ def _decode_loop(model, x, cache, max_tokens, temperature, top_p, eos: np.ndarra
             break
         tok, lp = nxt, nlp
     return np.stack(toks), np.stack(lps)
-
-
-@contextmanager
-def eval_mode(model):
-    """Run ``model`` in eval mode (no dropout) inside the block, restoring its mode after."""
-    was = getattr(model, "training", False)
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
 
 
 def generate_completions(model, tokenizer, prompt_ids: list[list[int]], *, max_tokens: int,

@@ -24,7 +24,8 @@ from lazarus.data.batching import DataLoader
 from lazarus.models.lora import adapters_disabled, lora_settings
 from lazarus.protocols import Rollout
 from lazarus.training.base import Trainer, TrainerConfig, token_logps
-from lazarus.training.generation import Completions, draw_key, eos_token_ids, eval_mode, generate_completions, pad_token_id
+from lazarus.step import eval_mode
+from lazarus.training.generation import Completions, draw_key, eos_token_ids, generate_completions, pad_token_id
 from lazarus.training.rewards import RewardFunctions, model_reward
 
 

@@ -28,7 +28,7 @@ from pydantic import Field
 from lazarus import checkpointing as ckpt
 from lazarus.rng import seeded_rng
 from lazarus.training.base import logps_from_logits
-from lazarus.training.generation import eval_mode
+from lazarus.step import eval_mode
 from lazarus.protocols import Rollout
 from lazarus.training.online_rl import OnlineRLConfig, OnlineRLTrainer, chunked, masked_mean, pack_sequences
 

@@ -31,7 +31,8 @@ from lazarus.data import DataError, PreferenceDataset
 from lazarus.data.chat import has_chat_template, prompt_ids, reply_ids
 from lazarus.models.lora import lora_settings
 from lazarus.training.base import Trainer, TrainerConfig
-from lazarus.training.generation import eval_mode, pad_token_id
+from lazarus.step import eval_mode
+from lazarus.training.generation import pad_token_id
 from lazarus.training.ppo import PolicyWithValueHead, load_with_head
 
 #: The name a reward model's scores are logged under by GRPO/PPO (``rewards/reward_model``).
