@@ -8,12 +8,15 @@ import time
 class IntervalMetrics:
     """Sums each step's host metrics until the Loop logs; then hands back the averages plus
     ``tokens_per_second`` and ``steps_per_second`` over the interval's wall time, and starts over.
-    Part of the resume state (a run stopped mid-interval logs the same averages after resume)."""
+    The sums are part of the resume state (a run stopped mid-interval logs the same averages after
+    resume); the rates count only what happened since the clock (re)started, so steps taken before
+    a resume are not divided by time measured after it."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
-        self.steps = 0
-        self.tokens = 0
+        self.steps = 0  # steps in the averages
+        self.timed_steps = 0  # steps since the clock started (the rates)
+        self.tokens = 0  # tokens since the clock started
         self.started = time.perf_counter()
 
     def add_tokens(self, n: int) -> None:
@@ -23,6 +26,7 @@ class IntervalMetrics:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps += 1
+        self.timed_steps += 1
 
     def take(self) -> dict[str, float]:
         """The interval's averages and rates; the next interval starts now."""
@@ -30,12 +34,12 @@ class IntervalMetrics:
         elapsed = max(now - self.started, 1e-9)
         out = {k: v / self.steps for k, v in self.sums.items()}
         out["tokens_per_second"] = self.tokens / elapsed
-        out["steps_per_second"] = self.steps / elapsed
-        self.sums, self.steps, self.tokens, self.started = {}, 0, 0, now
+        out["steps_per_second"] = self.timed_steps / elapsed
+        self.sums, self.steps, self.timed_steps, self.tokens, self.started = {}, 0, 0, 0, now
         return out
 
     def restart_clock(self) -> None:
-        self.started = time.perf_counter()
+        self.started, self.timed_steps, self.tokens = time.perf_counter(), 0, 0
 
     def state_dict(self) -> dict:
         return {"sums": self.sums, "count": self.steps}

@@ -399,3 +399,23 @@ def test_evaluation_runs_in_eval_mode_and_restores_the_mode():
     model.train()
     got = loop.evaluate()["loss"]
     assert model.training and got == pytest.approx(want, rel=1e-5)  # evaluated without dropout
+
+
+def test_interval_rates_after_a_resume_count_only_the_steps_since_it():
+    """A run stopped mid-interval keeps its sums (the averages go on), but the rates divide only what
+    happened after the resume by the time measured after it."""
+    from lazarus.interval_metrics import IntervalMetrics
+
+    before = IntervalMetrics()
+    for v in (1.0, 2.0, 3.0):
+        before.add_step({"loss": v})
+    after = IntervalMetrics()
+    after.load_state_dict(before.state_dict())
+    after.restart_clock()
+    after.add_tokens(10)
+    after.add_step({"loss": 6.0})
+    time.sleep(0.05)
+    logged = after.take()
+    assert logged["loss"] == pytest.approx(3.0)  # (1 + 2 + 3 + 6) / 4
+    assert 0 < logged["steps_per_second"] <= 1 / 0.05 and logged["tokens_per_second"] == pytest.approx(
+        10 * logged["steps_per_second"])
