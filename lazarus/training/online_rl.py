@@ -247,10 +247,9 @@ class OnlineRLTrainer(Trainer):
 
     def _all_sum(self, values: list[float]) -> list[float]:
         """``values`` summed over the data-parallel ranks (one collective: every rank must call it)."""
-        loop = self.loop
-        if loop is None or loop.group is None:
+        if self.loop is None:
             return list(values)
-        return mx.distributed.all_sum(mx.array(values, dtype=mx.float32), group=loop.group).tolist()
+        return self.loop.ranks.all_sum(mx.array(values, dtype=mx.float32)).tolist()
 
     def all_ranks_sum(self, x: float) -> float:
         """``x`` summed over the data-parallel ranks (a collective: every rank must call it)."""
