@@ -1,11 +1,13 @@
 """One PyTorch-side run for bench/vs_torch.py, executed by the torch virtualenv's Python.
 
-    bench/.torch-venv/bin/python bench/_torch_worker.py {trl,bare} {lora,full} MODEL_DIR TOKENS.json
+    bench/.torch-venv/bin/python bench/_torch_worker.py {trl,trl-defaults,bare} {lora,full} MODEL_DIR TOKENS.json
 
 Trains one epoch of the pre-tokenized examples in TOKENS.json (token ids, prompt lengths and
 Lazarus's batch order) on the Hugging Face llama loaded from MODEL_DIR, in float32 on the CPU,
 and prints one JSON line: seconds, target tokens, peak RSS. ``trl`` is TRL's ``SFTTrainer``
 (constant LR, no gradient checkpointing, float32: its fastest settings for this comparison);
+``trl-defaults`` is the same trainer with gradient checkpointing and bf16 autocast left on, as
+TRL ships them (what a user gets without tuning);
 ``bare`` is a hand-written loop over the same batches Lazarus draws (right padding, AdamW).
 LoRA is PEFT's, rank 8 on every linear layer of the blocks with mlx-lm's scale (alpha = 20 x rank).
 """
@@ -35,16 +37,21 @@ def load(model_dir: str, mode: str, threads: int):
     return model
 
 
-def run_trl(model, data, lr, batch):
+#: TRL's speed-relevant defaults that the tuned runs ("trl") override: gradient checkpointing and
+#: bf16 autocast are on in TRL's SFTConfig/DPOConfig. "trl-defaults" runs leave them as shipped.
+TUNED = {"bf16": False, "gradient_checkpointing": False}
+
+
+def run_trl(model, data, lr, batch, tuned=True):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     rows = {"input_ids": [e["ids"] for e in data["examples"]],
             "labels": [[-100] * e["prompt_len"] + e["ids"][e["prompt_len"]:] for e in data["examples"]]}
     args = SFTConfig(output_dir=data["tmp"], per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=lr,
-                     lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, bf16=False,
-                     gradient_checkpointing=False, logging_steps=10 ** 6, save_strategy="no", report_to="none",
-                     use_cpu=True, dataloader_num_workers=0, max_length=None, seed=0, disable_tqdm=True)
+                     lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                     logging_steps=10 ** 6, save_strategy="no", report_to="none", use_cpu=True,
+                     dataloader_num_workers=0, max_length=None, seed=0, disable_tqdm=True, **(TUNED if tuned else {}))
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast.from_pretrained(data["model_dir"])
@@ -81,7 +88,7 @@ def run_bare(model, data, lr, batch):
     return time.perf_counter() - t
 
 
-def run_trl_dpo(model, data, lr, batch):
+def run_trl_dpo(model, data, lr, batch, tuned=True):
     """TRL's DPOTrainer on the same preference pairs (text; TRL tokenizes them with the same
     tokenizer and appends EOS), reference = the policy with its adapters disabled, beta 0.1."""
     from datasets import Dataset
@@ -90,9 +97,9 @@ def run_trl_dpo(model, data, lr, batch):
 
     rows = [json.loads(line) for line in open(data["pairs"])]
     args = DPOConfig(output_dir=data["tmp"], per_device_train_batch_size=batch, max_steps=data["steps"],
-                     learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, bf16=False,
-                     gradient_checkpointing=False, logging_steps=10 ** 6, save_strategy="no", report_to="none",
-                     use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True, beta=0.1)
+                     learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                     logging_steps=10 ** 6, save_strategy="no", report_to="none", use_cpu=True,
+                     dataloader_num_workers=0, seed=0, disable_tqdm=True, beta=0.1, **(TUNED if tuned else {}))
     tok = PreTrainedTokenizerFast.from_pretrained(data["model_dir"])
     ds = Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")})
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
@@ -106,8 +113,11 @@ def main():
     data = json.loads(open(tokens).read())
     data["model_dir"] = model_dir
     model = load(model_dir, "lora" if mode == "dpo" else mode, data["threads"])
-    run = run_trl_dpo if mode == "dpo" else (run_trl if kind == "trl" else run_bare)
-    seconds = run(model, data, data["lr"], data["batch"])
+    if kind == "bare":
+        seconds = run_bare(model, data, data["lr"], data["batch"])
+    else:
+        run = run_trl_dpo if mode == "dpo" else run_trl
+        seconds = run(model, data, data["lr"], data["batch"], tuned=kind == "trl")
     print(json.dumps({"seconds": seconds, "target_tokens": data["target_tokens"], "steps": data.get("steps"),
                       "peak_rss_gb": peak_rss_gb()}))
 
