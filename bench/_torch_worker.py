@@ -1,6 +1,7 @@
 """One PyTorch-side run for bench/vs_torch.py, executed by the torch virtualenv's Python.
 
     bench/.torch-venv/bin/python bench/_torch_worker.py {trl,trl-defaults,bare} {lora,full} MODEL_DIR TOKENS.json
+    bench/.torch-venv/bin/python bench/_torch_worker.py profile - MODEL_DIR SPEC_JSON   (bench/profile_step.py)
 
 Trains one epoch of the pre-tokenized examples in TOKENS.json (token ids, prompt lengths and
 Lazarus's batch order) on the Hugging Face llama loaded from MODEL_DIR, in float32 on the CPU,
@@ -108,8 +109,51 @@ def run_trl_dpo(model, data, lr, batch, tuned=True):
     return time.perf_counter() - t
 
 
+def best_of(fn, repeats: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def profile(model_dir: str, spec: dict) -> dict:
+    """bench/profile_step.py's PyTorch side: one step at a fixed shape, whole and in parts."""
+    import torch
+
+    model = load(model_dir, "lora" if spec["lora"] else "full", 2)
+    model.train()
+    x = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["tokens"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+
+    def step(clipped):
+        model(input_ids=x, labels=x).loss.backward()
+        if clipped:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    res = {"step": best_of(lambda: step(False), spec["repeats"]),
+           "step, clipped": best_of(lambda: step(True), spec["repeats"])}
+    model(input_ids=x, labels=x).loss.backward()
+    res["optimizer"] = best_of(opt.step, spec["repeats"])
+    gemms = 0.0
+    for times, heads, m, k, n in spec["shapes"]:
+        a, b = torch.randn(heads, m, k), torch.randn(heads, k, n)
+        gemms += times * best_of(lambda: torch.matmul(a, b), spec["repeats"])
+    res["gemms"] = gemms
+    return res
+
+
 def main():
     kind, mode, model_dir, tokens = sys.argv[1:5]
+    if kind == "profile":
+        print(json.dumps(profile(model_dir, json.loads(tokens))))
+        return
     data = json.loads(open(tokens).read())
     data["model_dir"] = model_dir
     model = load(model_dir, "lora" if mode == "dpo" else mode, data["threads"])

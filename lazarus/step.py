@@ -20,8 +20,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from lazarus import _blas
-from lazarus.callbacks.gradient_clipping import summed_over_leaves
 from lazarus.protocols import ShardedBatchSource
+from lazarus.tree_reductions import reduction_streams, summed_over_leaves
 
 
 def array_part(batch: dict) -> dict:
@@ -166,7 +166,9 @@ class OptimizerStep:
         self.applied = True
         arrays = [[array_part(b) for b in shards] for shards in micro]
         busy_streams = len(self.streams) if any(len(shards) > 1 for shards in arrays) else 1
-        with _blas.threads_for_streams(busy_streams, self.ranks.size):
+        # reduction_streams: the gradient norm and the finite check, traced here, spread their reads
+        # over the CPU streams (see lazarus.tree_reductions)
+        with _blas.threads_for_streams(busy_streams, self.ranks.size), reduction_streams(self.streams):
             if self.check_finite:
                 self._saved = (tree_flatten(self.model.trainable_parameters()), tree_flatten(self.optimizer.state))
             if len(arrays) == 1 and not self.split:

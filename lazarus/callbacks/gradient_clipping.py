@@ -3,34 +3,10 @@
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from lazarus.callbacks.base import Callback
-
-
-#: Tensors up to this size are concatenated and reduced together; larger ones are reduced alone.
-SMALL_TENSOR = 1 << 16
-
-
-def summed_over_leaves(tree, per_element) -> mx.array | None:
-    """``sum(per_element(x))`` over every floating-point leaf of ``tree``, in float32 (None if none).
-
-    The small tensors (LoRA has hundreds) are concatenated and reduced at once: on the CPU backend
-    per-op dispatch is what they cost. Each large tensor (full fine-tuning) is reduced alone, which
-    reads it once; concatenating it too would copy every weight gradient (that copy made full
-    fine-tuning steps ~15% slower)."""
-    leaves = [v.reshape(-1).astype(mx.float32) for _, v in tree_flatten(tree) if mx.issubdtype(v.dtype, mx.floating)]
-    small = [v for v in leaves if v.size <= SMALL_TENSOR]
-    parts = [per_element(v).sum() for v in leaves if v.size > SMALL_TENSOR]
-    if small:
-        parts.append(per_element(mx.concatenate(small) if len(small) > 1 else small[0]).sum())
-    return sum(parts[1:], parts[0]) if parts else None
-
-
-def global_norm(grads) -> mx.array:
-    """L2 norm of all gradients together, in float32."""
-    total = summed_over_leaves(grads, lambda g: g * g)
-    return mx.array(0.0) if total is None else mx.sqrt(total)
+from lazarus.tree_reductions import SMALL_TENSOR, global_norm, summed_over_leaves  # noqa: F401  (re-exported)
 
 
 class GradientClipping(Callback):
