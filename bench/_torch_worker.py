@@ -109,15 +109,16 @@ def run_trl_dpo(model, data, lr, batch, tuned=True):
     return time.perf_counter() - t
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def best_of_each(fns: dict, repeats: int) -> dict:
+    """As in bench/profile_step.py: the functions take turns, two warm-up rounds, best time of each."""
+    times: dict = {name: [] for name in fns}
+    for r in range(repeats + 2):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if r >= 2:
+                times[name].append(time.perf_counter() - t)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def profile(model_dir: str, spec: dict) -> dict:
@@ -137,14 +138,13 @@ def profile(model_dir: str, spec: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    res = {"step": best_of(lambda: step(False), spec["repeats"]),
-           "step, clipped": best_of(lambda: step(True), spec["repeats"])}
+    res = best_of_each({"step": lambda: step(False), "step, clipped": lambda: step(True)}, spec["repeats"])
     model(input_ids=x, labels=x).loss.backward()
-    res["optimizer"] = best_of(opt.step, spec["repeats"])
+    res["optimizer"] = best_of_each({"opt": opt.step}, spec["repeats"])["opt"]
     gemms = 0.0
     for times, heads, m, k, n in spec["shapes"]:
         a, b = torch.randn(heads, m, k), torch.randn(heads, k, n)
-        gemms += times * best_of(lambda: torch.matmul(a, b), spec["repeats"])
+        gemms += times * best_of_each({"mm": lambda: torch.matmul(a, b)}, spec["repeats"])["mm"]
     res["gemms"] = gemms
     return res
 
