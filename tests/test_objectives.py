@@ -384,7 +384,7 @@ def test_cli_trains(name, tiny_dir, tmp_path, capsys):
 
 # ---------------------------------------------------------------- two ranks
 def test_new_objectives_on_two_ranks_match_one_process(tiny_dir, tmp_path):
-    """ORPO, SimPO, KTO and the reward model on two ranks, each holding half of every global batch, log
+    """DPO, ORPO, SimPO, KTO and the reward model on two ranks, each holding half of every global batch, log
     what one process holding all of it logs, with identical weights on both ranks (KTO's KL estimate
     and metrics are over the global batch: a collective inside the loss)."""
     import subprocess
@@ -394,7 +394,7 @@ def test_new_objectives_on_two_ranks_match_one_process(tiny_dir, tmp_path):
     kto = write_jsonl(tmp_path / "kto.jsonl", map(json.loads, (EXAMPLES / "kto.jsonl").read_text().splitlines()[:48]))
     prefs = write_jsonl(tmp_path / "prefs.jsonl",
                         map(json.loads, (EXAMPLES / "preferences.jsonl").read_text().splitlines()[:48]))
-    specs = [f"kto={kto}", f"orpo={prefs}", f"simpo={prefs}", f"reward={prefs}"]
+    specs = [f"dpo={prefs}", f"kto={kto}", f"orpo={prefs}", f"simpo={prefs}", f"reward={prefs}"]
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"n{n}"
@@ -403,10 +403,14 @@ def test_new_objectives_on_two_ranks_match_one_process(tiny_dir, tmp_path):
         p = subprocess.run(cmd + [str(tiny_dir), str(out), *specs], capture_output=True, text=True, timeout=400)
         assert p.returncode == 0, p.stderr[-3000:]
         runs[n] = out
-    for name in ("kto", "orpo", "simpo", "reward"):
+    for name in ("dpo", "kto", "orpo", "simpo", "reward"):
         one = json.loads((runs[1] / f"{name}_rank0.json").read_text())
         r0, r1 = (json.loads((runs[2] / f"{name}_rank{r}.json").read_text()) for r in (0, 1))
         assert r0["world"] == 2 and r0["digest"] == r1["digest"] and r0["history"] == r1["history"], name
+        if name in ("dpo", "kto"):  # each rank computed half of the reference pass; both hold all of it
+            assert r0["ref_cache"] == r1["ref_cache"] and np.asarray(r0["ref_cache"]).shape == (2, 48), name
+            assert np.asarray(r0["ref_cache"]) == pytest.approx(np.asarray(one["ref_cache"]), rel=1e-5, abs=1e-5)
+            assert (np.asarray(r0["ref_cache"]) < 0).all(), name  # log-probs: no entry left at zero
         assert len(one["history"]) == len(r0["history"]) == 3, name
         for a, b in zip(one["history"], r0["history"]):
             assert a.keys() == b.keys() and "loss" in a, name

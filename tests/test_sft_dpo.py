@@ -223,6 +223,27 @@ def test_dpo_lora_reference_is_adapter_disabled_policy(tiny_dir, tmp_path, examp
     assert not np.allclose(with_adapters[:3], cache[0, :3])
 
 
+def test_reference_pass_is_shared_between_ranks(tiny_dir, examples):
+    """With several ranks each computes every size-th batch of the reference pass; the all_sum
+    then adds the others' exact zeros. Here rank 1 of 2 with an identity all_sum (what its own
+    share contributes): its batches match a one-process pass, the rest are left to rank 0."""
+    from types import SimpleNamespace
+
+    policy, tok = load_model(tiny_dir)
+    base, _ = load_model(tiny_dir)
+    ds = PreferenceDataset(examples / "preferences.jsonl", tok)
+    trainer = DPOTrainer(policy, base, tok, DPOTrainerConfig(batch_size=2))
+    whole = trainer.reference_logps(ds)
+    sums = []
+    trainer.loop = SimpleNamespace(streams=[], ranks=SimpleNamespace(rank=1, size=2, all_sum=lambda x: sums.append(x) or x))
+    mine = trainer.reference_logps(ds)
+    assert len(sums) == 1 and sums[0].shape == (2, len(ds))
+    computed = (mine != 0).all(axis=0)
+    assert 0.3 < computed.mean() < 0.7  # about half of the pairs, in whole batches of 4 x batch_size
+    np.testing.assert_allclose(mine[:, computed], whole[:, computed], rtol=1e-5)
+    assert (mine[:, ~computed] == 0).all() and (whole != 0).all()
+
+
 def test_dpo_resume_is_exact_including_reference_cache(tiny_dir, tmp_path, examples):
     def run(stop_at=None, resume=None, out="a"):
         policy, tok = load_model(tiny_dir, use_lora=True, lora_rank=4)

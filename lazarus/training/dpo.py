@@ -121,17 +121,21 @@ class DPOTrainer(PairwiseTrainer):
         model_for_ref.eval()
         try:
             with adapters_disabled(self.model) if use_lora_ref else contextlib.nullcontext():
-                self._fill(loader, fns, streams, out)
+                self._fill(loader, fns, streams, out, self.loop.ranks if self.loop is not None else None)
         finally:
             model_for_ref.train(was_training)
         return out
 
     @staticmethod
-    def _fill(loader, fns, streams, out):
+    def _fill(loader, fns, streams, out, ranks=None):
         """Reference log-probs of every pair; with several CPU streams each batch is split into
-        one part per stream (padded to the batch's width) and the parts run side by side."""
+        one part per stream (padded to the batch's width) and the parts run side by side. With
+        several data-parallel ranks each computes every ``size``-th batch and one ``all_sum``
+        (the others add exact zeros) gives every rank the whole cache: a rank's share of the
+        pass, not all of it."""
+        rank, size = (ranks.rank, ranks.size) if ranks is not None else (0, 1)
         with _blas.threads_for_streams(max(1, len(streams))):
-            for i in range(len(loader)):
+            for i in range(rank, len(loader), size):
                 idx = loader.batch_indices(0, i)
                 parts = loader.get_batch_shards(0, i, len(fns)) if len(fns) > 1 else [loader.get_batch(0, i)]
                 pieces = []
@@ -144,6 +148,8 @@ class DPOTrainer(PairwiseTrainer):
                 rejected = mx.concatenate([p[p.shape[0] // 2:] for p in pieces])
                 mx.eval(chosen, rejected)
                 out[0, idx], out[1, idx] = np.array(chosen), np.array(rejected)
+        if size > 1:
+            out[:] = np.array(ranks.all_sum(mx.array(out)))
 
     def prepare(self, train_loader, eval_loader, resuming):
         self._cache_datasets = {"train": train_loader.dataset}
