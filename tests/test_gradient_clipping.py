@@ -19,3 +19,24 @@ def test_global_norm_mixes_small_and_large_tensors_exactly():
     assert float(global_norm({})) == 0.0
     clipped, metrics = GradientClipping(1.0).transform_grads(grads)
     assert abs(float(global_norm(clipped)) - 1.0) < 1e-2 and abs(float(metrics["grad_norm"]) - expected) < 1e-3 * expected
+
+
+def test_norm_spread_over_cpu_streams_is_bit_identical_and_scoped():
+    """Inside reduction_streams the large tensors' reductions alternate over the streams (the
+    Loop's step traces inside it); the parts are added in the same order, so the norm is the
+    same float32 number, compiled or not, and the scope ends with its block."""
+    from lazarus import tree_reductions
+
+    keys = mx.random.split(mx.random.key(1), 5)
+    grads = {f"w{i}": mx.random.normal((300 + i, 700), key=keys[i]) for i in range(4)}
+    grads["lora"] = mx.random.normal((8, 64), key=keys[4])
+    one = np.array(global_norm(grads))
+    streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    with tree_reductions.reduction_streams(streams):
+        assert tree_reductions._STREAMS.get() == tuple(streams)
+        spread = np.array(global_norm(grads))
+        compiled = np.array(mx.compile(global_norm)(grads))
+    assert tree_reductions._STREAMS.get() == ()
+    with tree_reductions.reduction_streams(streams[:1]):  # one stream: nothing to spread over
+        assert tree_reductions._STREAMS.get() == ()
+    assert one.tobytes() == spread.tobytes() == compiled.tobytes()
