@@ -215,6 +215,17 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict]:
     return _load_verified(path, "checkpoint")
 
 
+def peek_state_doc(path: str | os.PathLike) -> dict | None:
+    """The resume state's JSON document of the checkpoint at ``path``, read from the file headers
+    only and without verifying checksums; None when it cannot be read. For settings that must be
+    known before the model is prepared (``restore`` later reads and verifies everything)."""
+    try:
+        state_path = state_file_for(Path(path))
+        return json.loads(read_metadata(state_path)["lazarus_state"]) if state_path is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     """Return ``(weights, state_arrays, state_doc)`` of a resumable checkpoint."""
     path = Path(path)

@@ -94,6 +94,32 @@ def test_4bit_lora_dequantizes_on_cpu_and_adapters_load_on_the_quantized_base(pu
     assert mx.isfinite(logits_tuned).all().item() and not mx.allclose(logits_base, logits_tuned).item()
 
 
+def test_resume_keeps_the_dequantize_auto_decision_of_its_checkpoint(published, examples, tmp_path, monkeypatch):
+    """`dequantize: auto` decides by this machine's free memory; a resume on a machine (or a moment)
+    with less memory must still run the checkpoint's choice, or it would train other math. The
+    decision travels in the resume state; K steps + resume == N steps."""
+    from lazarus.models import precision
+
+    model, tok = load_model(published["q4"], use_lora=True, lora_rank=4)
+    straight = SFTTrainer(model, tok, _config(tmp_path))
+    result = straight.train(examples / "sft_train.jsonl")
+    assert straight.precision.dequantized_layers > 0  # plenty of memory here
+    doc = ckpt.peek_state_doc(tmp_path / "ck" / "step_2.safetensors")
+    assert doc["trainer"]["precision"] == {"dequantized": True}
+    monkeypatch.setattr(precision, "_available_memory", lambda: 1)  # now `auto` alone would keep 4-bit
+    model2, _ = load_model(published["q4"], use_lora=True, lora_rank=4)
+    fresh = SFTTrainer(model2, tok, _config(tmp_path / "fresh", max_steps=1))
+    fresh.apply_precision()
+    assert fresh.precision.dequantized_layers == 0  # what a fresh run would choose with that memory
+    model3, _ = load_model(published["q4"], use_lora=True, lora_rank=4)
+    resumed = SFTTrainer(model3, tok, _config(tmp_path / "r"))
+    resumed.train(examples / "sft_train.jsonl", resume_from=tmp_path / "ck" / "step_2.safetensors")
+    assert resumed.precision.dequantized_layers == straight.precision.dequantized_layers
+    assert [h["loss"] for h in resumed.loop.state.history if "loss" in h][-2:] == \
+        [h["loss"] for h in result.history if "loss" in h][-2:]
+    assert ckpt.peek_state_doc(tmp_path / "nothing.safetensors") is None
+
+
 def test_dequantize_false_keeps_4bit_layers_with_float32_scales(published):
     model, _ = load_model(published["q4"], use_lora=True, lora_rank=4)
     precision = apply_precision(model, dequantize=False)

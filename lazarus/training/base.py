@@ -153,6 +153,7 @@ class Trainer(DefaultHooks):
         self.callbacks = self._merge_callbacks(self.default_callbacks(), callbacks or [])
         self.loop: Loop | None = None
         self.precision: Precision | None = None  # set when training (or evaluation) first starts
+        self._resumed_precision: dict | None = None  # the precision decisions of the checkpoint resumed from
 
     # ------------------------------------------------------------------ callbacks
     def default_callbacks(self) -> list[Callback]:
@@ -241,6 +242,8 @@ class Trainer(DefaultHooks):
         """Train on ``dataset`` (a dataset object or a JSONL path); returns a TrainResult with
         ``history``, ``stop_reason`` and ``checkpoint_dir``. Resuming on training data whose
         tokens differ from the checkpoint's is refused unless ``allow_data_change``."""
+        if resume_from is not None and self.precision is None:
+            self._resumed_precision = ((ckpt.peek_state_doc(resume_from) or {}).get("trainer") or {}).get("precision")
         self.apply_precision()
         dataset = self.as_dataset(dataset)
         eval_dataset = self.as_dataset(eval_dataset) if eval_dataset is not None else None
@@ -288,11 +291,26 @@ class Trainer(DefaultHooks):
         if self.precision is None:
             c = self.config
             agree = Ranks().rank0_choice  # every rank takes rank 0's `auto` decision
-            self.precision = apply_precision(self.model, dtype=c.dtype, dequantize=c.dequantize, agree=agree,
+            dequantize = c.dequantize
+            saved = (self._resumed_precision or {}).get("dequantized")
+            if dequantize == "auto" and isinstance(saved, bool):
+                # a resumed run keeps the decision its checkpoint was trained with, even where this
+                # machine's free memory would decide otherwise: the other choice is other math
+                dequantize = saved
+            self.precision = apply_precision(self.model, dtype=c.dtype, dequantize=dequantize, agree=agree,
                                              save_dtype=c.save_dtype, full_fine_tune=lora_settings(self.model) is None)
             for frozen in self.frozen_models():
-                apply_precision(frozen, dtype=c.dtype, dequantize=c.dequantize, agree=agree)
+                apply_precision(frozen, dtype=c.dtype, dequantize=dequantize, agree=agree)
         return self.precision
+
+    def resume_state(self) -> tuple[dict, dict]:
+        """Beside the Loop's own state: the ``dequantize: auto`` decision, when the model has
+        quantized layers (a resume takes it, see :meth:`apply_precision`). Subclasses that save
+        more extend what this returns."""
+        p = self.precision
+        if p is None or not p.quantized_layers:
+            return {}, {}
+        return {}, {"precision": {"dequantized": p.dequantized_layers > 0}}
 
     def weights_for_saving(self, weights: dict) -> dict:
         return weights if self.precision is None else as_dtype(weights, self.precision.save)

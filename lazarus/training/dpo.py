@@ -165,7 +165,8 @@ class DPOTrainer(PairwiseTrainer):
                 self.ref_cache[split] = self.reference_logps(ds)
 
     def resume_state(self):
-        return {f"ref_cache.{k}": mx.array(v) for k, v in self.ref_cache.items()}, {}
+        arrays, doc = super().resume_state()
+        return {**arrays, **{f"ref_cache.{k}": mx.array(v) for k, v in self.ref_cache.items()}}, doc
 
     def load_resume_state(self, arrays, doc):
         for k, v in arrays.items():

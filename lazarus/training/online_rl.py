@@ -317,9 +317,10 @@ class OnlineRLTrainer(Trainer):
             self.snapshot_reference()
 
     def resume_state(self):
+        arrays, doc = super().resume_state()
         if self._ref_params is not None and self._needs_snapshot():
-            return {f"ref_params.{k}": v for k, v in self._ref_params.items()}, {}
-        return {}, {}
+            arrays.update({f"ref_params.{k}": v for k, v in self._ref_params.items()})
+        return arrays, doc
 
     def load_resume_state(self, arrays, doc):
         ref = {k[len("ref_params."):]: v for k, v in arrays.items() if k.startswith("ref_params.")}
