@@ -18,6 +18,8 @@ import resource
 import sys
 import time
 
+from _timing import best_of_each  # bench/ is this script's folder, first on sys.path
+
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
@@ -107,18 +109,6 @@ def run_trl_dpo(model, data, lr, batch, tuned=True):
     t = time.perf_counter()
     trainer.train()
     return time.perf_counter() - t
-
-
-def best_of_each(fns: dict, repeats: int) -> dict:
-    """As in bench/profile_step.py: the functions take turns, two warm-up rounds, best time of each."""
-    times: dict = {name: [] for name in fns}
-    for r in range(repeats + 2):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            if r >= 2:
-                times[name].append(time.perf_counter() - t)
-    return {name: min(ts) for name, ts in times.items()}
 
 
 def profile(model_dir: str, spec: dict) -> dict:

@@ -24,7 +24,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +34,8 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
+
+from _timing import best_of_each  # noqa: E402
 
 from lazarus.callbacks.gradient_clipping import GradientClipping  # noqa: E402
 from lazarus.models import create_tiny_model, load_model  # noqa: E402
@@ -60,19 +61,6 @@ def gemm_shapes(cfg: dict, batch: int, tokens: int, lora: bool) -> list[tuple[in
 
 def best_of(fn, repeats: int) -> float:
     return best_of_each({"fn": fn}, repeats)["fn"]
-
-
-def best_of_each(fns: dict, repeats: int) -> dict:
-    """The best time of each function, the functions taking turns (so that a slow spell of this
-    noisy machine hits them all alike), after two warm-up rounds."""
-    times: dict = {name: [] for name in fns}
-    for r in range(repeats + 2):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            if r >= 2:
-                times[name].append(time.perf_counter() - t)
-    return {name: min(ts) for name, ts in times.items()}
 
 
 def mlx_gemms(shapes, repeats: int) -> float:
