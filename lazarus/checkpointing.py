@@ -187,7 +187,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def state_file_for(path: Path) -> Path | None:
     try:
         meta = read_metadata(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # AttributeError: a header that is not a JSON object
         return None
     return _state_path(Path(path), meta.get("lazarus_state_file"))
 
@@ -221,9 +221,10 @@ def peek_state_doc(path: str | os.PathLike) -> dict | None:
     known before the model is prepared (``restore`` later reads and verifies everything)."""
     try:
         state_path = state_file_for(Path(path))
-        return json.loads(read_metadata(state_path)["lazarus_state"]) if state_path is not None else None
-    except (OSError, ValueError, KeyError, TypeError):
+        doc = json.loads(read_metadata(state_path)["lazarus_state"]) if state_path is not None else None
+    except Exception:  # noqa: BLE001  (any damage: restore() reports it properly)
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:

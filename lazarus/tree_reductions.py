@@ -49,13 +49,13 @@ def summed_over_leaves(tree, per_element: Callable[[mx.array], mx.array]) -> mx.
     reads it once; concatenating it too would copy every weight gradient (that copy made full
     fine-tuning steps ~15% slower). Inside :func:`reduction_streams` the large reductions alternate
     over its streams."""
-    leaves = [v.reshape(-1).astype(mx.float32) for _, v in tree_flatten(tree) if mx.issubdtype(v.dtype, mx.floating)]
-    small = [v for v in leaves if v.size <= SMALL_TENSOR]
+    leaves = [v.reshape(-1) for _, v in tree_flatten(tree) if mx.issubdtype(v.dtype, mx.floating)]
+    small = [v.astype(mx.float32) for v in leaves if v.size <= SMALL_TENSOR]
     streams = _STREAMS.get()
     parts = []
     for i, v in enumerate(v for v in leaves if v.size > SMALL_TENSOR):
         with mx.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext():
-            parts.append(per_element(v).sum())
+            parts.append(per_element(v.astype(mx.float32)).sum())  # the cast fuses into the pass
     if small:
         parts.append(per_element(mx.concatenate(small) if len(small) > 1 else small[0]).sum())
     return sum(parts[1:], parts[0]) if parts else None

@@ -105,7 +105,7 @@ def test_resume_keeps_the_dequantize_auto_decision_of_its_checkpoint(published, 
     result = straight.train(examples / "sft_train.jsonl")
     assert straight.precision.dequantized_layers > 0  # plenty of memory here
     doc = ckpt.peek_state_doc(tmp_path / "ck" / "step_2.safetensors")
-    assert doc["trainer"]["precision"] == {"dequantized": True}
+    assert doc["trainer"]["precision"] == {"dequantized": [True]}  # one decision per model: only the trained one
     monkeypatch.setattr(precision, "_available_memory", lambda: 1)  # now `auto` alone would keep 4-bit
     model2, _ = load_model(published["q4"], use_lora=True, lora_rank=4)
     fresh = SFTTrainer(model2, tok, _config(tmp_path / "fresh", max_steps=1))
@@ -118,6 +118,42 @@ def test_resume_keeps_the_dequantize_auto_decision_of_its_checkpoint(published, 
     assert [h["loss"] for h in resumed.loop.state.history if "loss" in h][-2:] == \
         [h["loss"] for h in result.history if "loss" in h][-2:]
     assert ckpt.peek_state_doc(tmp_path / "nothing.safetensors") is None
+    # precision applied before the resume (here with auto deciding otherwise): the run says so
+    model4, _ = load_model(published["q4"], use_lora=True, lora_rank=4)
+    early = SFTTrainer(model4, tok, _config(tmp_path / "early"))
+    early.apply_precision()
+    with pytest.warns(UserWarning, match=r"dequantized as \[True\], this run's as \[False\]"):
+        early.train(examples / "sft_train.jsonl", resume_from=tmp_path / "ck" / "step_2.safetensors")
+
+
+def test_resume_keeps_each_models_dequantize_decision_and_survives_a_damaged_header(published, examples, tmp_path,
+                                                                                    monkeypatch):
+    """A frozen 4-bit reference model's own decision is saved and kept too; a checkpoint whose
+    header is damaged is reported by restore, not by the peek."""
+    from lazarus.models import precision
+    from lazarus.training import DPOTrainer, DPOTrainerConfig
+
+    def dpo(root, max_steps=4):
+        policy, tok = load_model(published["q4"], use_lora=True, lora_rank=4)
+        reference, _ = load_model(published["q4"])
+        cfg = DPOTrainerConfig(max_steps=max_steps, batch_size=2, learning_rate=1e-3, warmup_steps=0, log_interval=1,
+                               checkpoint_dir=str(root / "ck"), checkpoint_interval=2, target_reward_margin=None)
+        return DPOTrainer(policy, reference, tok, cfg)
+
+    first = dpo(tmp_path)
+    first.train(examples / "preferences.jsonl")
+    assert first._dequantize_decisions() == [True, True]
+    step2 = tmp_path / "ck" / "step_2.safetensors"
+    assert ckpt.peek_state_doc(step2)["trainer"]["precision"] == {"dequantized": [True, True]}
+    monkeypatch.setattr(precision, "_available_memory", lambda: 1)
+    resumed = dpo(tmp_path / "r")
+    resumed.train(examples / "preferences.jsonl", resume_from=step2)
+    assert resumed._dequantize_decisions() == [True, True]
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes((2).to_bytes(8, "little") + b"[]")  # a header that is JSON but not an object
+    assert ckpt.peek_state_doc(damaged) is None
+    with pytest.raises(ckpt.CheckpointError):
+        dpo(tmp_path / "d").train(examples / "preferences.jsonl", resume_from=damaged)
 
 
 def test_dequantize_false_keeps_4bit_layers_with_float32_scales(published):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -153,6 +154,7 @@ class Trainer(DefaultHooks):
         self.callbacks = self._merge_callbacks(self.default_callbacks(), callbacks or [])
         self.loop: Loop | None = None
         self.precision: Precision | None = None  # set when training (or evaluation) first starts
+        self._frozen_precisions: list[Precision] = []  # of frozen_models(), in order
         self._resumed_precision: dict | None = None  # the precision decisions of the checkpoint resumed from
 
     # ------------------------------------------------------------------ callbacks
@@ -243,7 +245,9 @@ class Trainer(DefaultHooks):
         ``history``, ``stop_reason`` and ``checkpoint_dir``. Resuming on training data whose
         tokens differ from the checkpoint's is refused unless ``allow_data_change``."""
         if resume_from is not None and self.precision is None:
-            self._resumed_precision = ((ckpt.peek_state_doc(resume_from) or {}).get("trainer") or {}).get("precision")
+            trainer_doc = (ckpt.peek_state_doc(resume_from) or {}).get("trainer")
+            precision = trainer_doc.get("precision") if isinstance(trainer_doc, dict) else None
+            self._resumed_precision = precision if isinstance(precision, dict) else {}
         self.apply_precision()
         dataset = self.as_dataset(dataset)
         eval_dataset = self.as_dataset(eval_dataset) if eval_dataset is not None else None
@@ -291,26 +295,55 @@ class Trainer(DefaultHooks):
         if self.precision is None:
             c = self.config
             agree = Ranks().rank0_choice  # every rank takes rank 0's `auto` decision
-            dequantize = c.dequantize
-            saved = (self._resumed_precision or {}).get("dequantized")
-            if dequantize == "auto" and isinstance(saved, bool):
-                # a resumed run keeps the decision its checkpoint was trained with, even where this
-                # machine's free memory would decide otherwise: the other choice is other math
-                dequantize = saved
-            self.precision = apply_precision(self.model, dtype=c.dtype, dequantize=dequantize, agree=agree,
-                                             save_dtype=c.save_dtype, full_fine_tune=lora_settings(self.model) is None)
-            for frozen in self.frozen_models():
-                apply_precision(frozen, dtype=c.dtype, dequantize=dequantize, agree=agree)
+            models = [self.model, *self.frozen_models()]
+            choices = self._resumed_dequantize(len(models), agree)
+            precisions = [apply_precision(m, dtype=c.dtype, dequantize=choice, agree=agree,
+                                          **({"save_dtype": c.save_dtype,
+                                              "full_fine_tune": lora_settings(m) is None} if m is self.model else {}))
+                          for m, choice in zip(models, choices)]
+            self.precision, self._frozen_precisions = precisions[0], precisions[1:]
         return self.precision
 
+    def _dequantize_decisions(self) -> list[bool | None]:
+        """Per model (the trained one, then each frozen one): whether its quantized layers were
+        dequantized; None for a model without quantized layers."""
+        return [p.dequantized_layers > 0 if p.quantized_layers else None
+                for p in [self.precision, *self._frozen_precisions]]
+
+    def _resumed_dequantize(self, count: int, agree) -> list:
+        """The ``dequantize`` setting for each of ``count`` models. With ``dequantize: auto`` a
+        resumed run keeps what its checkpoint decided per model, even where this machine's free
+        memory would decide otherwise (the other choice is other math, or may not fit). Every rank
+        takes rank 0's reading (two collectives per model, on every rank alike, even where one
+        rank could not read the file)."""
+        setting = self.config.dequantize
+        if setting != "auto" or self._resumed_precision is None:
+            return [setting] * count
+        saved = self._resumed_precision.get("dequantized")
+        saved = saved if isinstance(saved, list) else []
+        choices = []
+        for i in range(count):
+            mine = saved[i] if i < len(saved) and isinstance(saved[i], bool) else None
+            choices.append(agree(mine) if agree(mine is not None) else "auto")
+        return choices
+
     def resume_state(self) -> tuple[dict, dict]:
-        """Beside the Loop's own state: the ``dequantize: auto`` decision, when the model has
-        quantized layers (a resume takes it, see :meth:`apply_precision`). Subclasses that save
+        """Beside the Loop's own state: each model's ``dequantize`` decision, when any model has
+        quantized layers (a resume takes them, see :meth:`apply_precision`). Subclasses that save
         more extend what this returns."""
-        p = self.precision
-        if p is None or not p.quantized_layers:
+        if self.precision is None or not any(d is not None for d in self._dequantize_decisions()):
             return {}, {}
-        return {}, {"precision": {"dequantized": p.dequantized_layers > 0}}
+        return {}, {"precision": {"dequantized": self._dequantize_decisions()}}
+
+    def load_resume_state(self, arrays: dict, doc: dict) -> None:
+        """Warn when this run's dequantize decisions differ from its checkpoint's (e.g. precision
+        was applied by an ``evaluate()`` before ``train(resume_from=...)``). Subclasses that save
+        more extend this."""
+        saved = (doc.get("precision") or {}).get("dequantized") if isinstance(doc, dict) else None
+        if isinstance(saved, list) and self.precision is not None and saved != self._dequantize_decisions():
+            warnings.warn(f"the checkpoint's models were dequantized as {saved}, this run's as "
+                          f"{self._dequantize_decisions()} (trained model first): the resumed run computes "
+                          "differently; set dequantize explicitly to match", stacklevel=2)
 
     def weights_for_saving(self, weights: dict) -> dict:
         return weights if self.precision is None else as_dtype(weights, self.precision.save)

@@ -169,6 +169,7 @@ class DPOTrainer(PairwiseTrainer):
         return {**arrays, **{f"ref_cache.{k}": mx.array(v) for k, v in self.ref_cache.items()}}, doc
 
     def load_resume_state(self, arrays, doc):
+        super().load_resume_state(arrays, doc)
         for k, v in arrays.items():
             if k.startswith("ref_cache."):
                 self.ref_cache[k[len("ref_cache."):]] = np.array(v)

@@ -323,6 +323,7 @@ class OnlineRLTrainer(Trainer):
         return arrays, doc
 
     def load_resume_state(self, arrays, doc):
+        super().load_resume_state(arrays, doc)
         ref = {k[len("ref_params."):]: v for k, v in arrays.items() if k.startswith("ref_params.")}
         if ref:
             self._ref_params = ref
