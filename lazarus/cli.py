@@ -2,7 +2,7 @@
 
     lazarus train {sft,dpo,grpo,ppo,orpo,simpo,kto,reward} --model DIR --data FILE [--eval-data FILE] [--config FILE.yaml]
                   [--output DIR] [--max-steps N] [--lora] [--resume PATH] [--set KEY=VALUE ...]
-    lazarus init-model DIR
+    lazarus init-model DIR [--arch qwen2] [--dtype bfloat16] [--quantize-bits 4]
     lazarus demo [--output DIR] [--quick]
     lazarus generate --model DIR [--adapter-path DIR] [--checkpoint FILE] --prompt TEXT [--max-tokens N] [--temp T]
     lazarus export --adapter RUN_OR_CHECKPOINT_DIR --output DIR [--dequantize] [--model BASE]
@@ -36,6 +36,7 @@ from lazarus.run_config import (RUN_KEYS, _fmt_default, build_callbacks, config_
                                 load_paradigm, lora_kwargs, path_value, resolve_train_config, reward_kwargs)
 from lazarus.run_folder import (exit_code, prepare_output, print_summary, run_files_callback, write_history,
                                 write_model_folder)
+from lazarus.models.tiny import ARCHITECTURES, WEIGHT_DTYPES
 from lazarus.training.registry import PARADIGMS, paradigms
 
 
@@ -116,9 +117,14 @@ def cmd_init_model(args) -> int:
         raise CLIError(f"{d} exists and is not a directory")
     if d.is_dir() and (d / "config.json").exists() and not args.force:
         raise CLIError(f"{d} already holds a model (config.json); pass --force to overwrite it")
-    kwargs = {k: getattr(args, k) for k in ("hidden_size", "num_layers", "seed") if getattr(args, k) is not None}
-    create_tiny_model(d, **kwargs)
-    print(f"wrote the tiny offline model to {d}")
+    kwargs = {k: getattr(args, k) for k in ("hidden_size", "num_layers", "seed", "arch", "dtype", "quantize_bits")
+              if getattr(args, k) is not None}
+    try:
+        create_tiny_model(d, **kwargs)
+    except ValueError as e:  # e.g. widths that a bit width cannot quantize
+        raise CLIError(f"init-model: {e}") from e
+    shape = f"{args.arch or 'llama'}, {args.dtype or 'float32'}" + (f", {args.quantize_bits}-bit" if args.quantize_bits else "")
+    print(f"wrote the tiny offline model ({shape}) to {d}")
     return 0
 
 
@@ -255,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--hidden-size", type=int, help="hidden size [default: 128]")
     im.add_argument("--num-layers", type=int, help="transformer blocks [default: 4]")
     im.add_argument("--seed", type=int, help="weight init seed [default: 0]")
+    im.add_argument("--arch", choices=ARCHITECTURES, help="mlx-lm model class [default: llama]")
+    im.add_argument("--dtype", choices=WEIGHT_DTYPES,
+                    help="weights' dtype, as a published checkpoint's torch_dtype [default: float32]")
+    im.add_argument("--quantize-bits", type=int, choices=(4, 8),
+                    help="quantize as mlx_lm.convert -q does (scales in --dtype; e.g. --dtype float16)")
     im.add_argument("--force", action="store_true", help="overwrite a model already in DIR")
     im.set_defaults(func=cmd_init_model)
 

@@ -282,6 +282,26 @@ def test_init_model_and_generate(tmp_path, capsys):
     assert rc == 2 and len(err.strip().splitlines()) == 1
 
 
+def test_init_model_writes_published_shapes(tmp_path, capsys):
+    """--arch/--dtype/--quantize-bits: a folder shaped like an mlx-community 4-bit checkpoint, which
+    mlx-lm loads quantized; a width that cannot be quantized is one line, exit 2."""
+    import mlx.nn as nn
+    import mlx_lm
+
+    d = tmp_path / "q4"
+    rc, out, err = run_cli(capsys, "init-model", d, "--arch", "qwen2", "--dtype", "float16", "--quantize-bits", 4)
+    assert rc == 0, err
+    assert "(qwen2, float16, 4-bit)" in out
+    config = json.loads((d / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["quantization"]["bits"] == 4
+    model, _ = mlx_lm.load(str(d))
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    rc, _, err = run_cli(capsys, "init-model", tmp_path / "odd", "--hidden-size", 40, "--quantize-bits", 4)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "quantize" in err
+    rc, _, err = run_cli(capsys, "init-model", tmp_path / "x", "--arch", "gpt9")
+    assert rc == 2 and "gpt9" in err
+
+
 def test_generate_applies_chat_template(tiny_dir, monkeypatch, capsys):
     import mlx_lm
 
