@@ -32,11 +32,11 @@ from pathlib import Path
 # EXIT_CODES, classify_error, RUN_KEYS, config_fields, _fmt_default and load_paradigm: importable from here too
 from lazarus.cli_common import (EXIT_CODES, CLIError, CommandParser, HelpFormatter, classify_error,  # noqa: F401
                                 run_command)
+from lazarus.models.tiny import ARCHITECTURES, WEIGHT_DTYPES
 from lazarus.run_config import (RUN_KEYS, _fmt_default, build_callbacks, config_fields, config_help,  # noqa: F401
                                 load_paradigm, lora_kwargs, path_value, resolve_train_config, reward_kwargs)
 from lazarus.run_folder import (exit_code, prepare_output, print_summary, run_files_callback, write_history,
                                 write_model_folder)
-from lazarus.models.tiny import ARCHITECTURES, WEIGHT_DTYPES
 from lazarus.training.registry import PARADIGMS, paradigms
 
 
@@ -123,7 +123,8 @@ def cmd_init_model(args) -> int:
         create_tiny_model(d, **kwargs)
     except ValueError as e:  # e.g. widths that a bit width cannot quantize
         raise CLIError(f"init-model: {e}") from e
-    shape = f"{args.arch or 'llama'}, {args.dtype or 'float32'}" + (f", {args.quantize_bits}-bit" if args.quantize_bits else "")
+    bits = f", {args.quantize_bits}-bit" if args.quantize_bits else ""
+    shape = f"{args.arch or 'llama'}, {args.dtype or 'float32'}{bits}"
     print(f"wrote the tiny offline model ({shape}) to {d}")
     return 0
 
