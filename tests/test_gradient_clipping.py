@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 
 from lazarus.callbacks import GradientClipping
-from lazarus.callbacks.gradient_clipping import SMALL_TENSOR, global_norm
+from lazarus.tree_reductions import SMALL_TENSOR, global_norm
 
 
 def test_global_norm_mixes_small_and_large_tensors_exactly():

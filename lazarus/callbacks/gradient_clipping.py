@@ -6,7 +6,7 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from lazarus.callbacks.base import Callback
-from lazarus.tree_reductions import SMALL_TENSOR, global_norm, summed_over_leaves  # noqa: F401  (re-exported)
+from lazarus.tree_reductions import global_norm
 
 
 class GradientClipping(Callback):
